@@ -9,7 +9,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "attach": "knnmoe_eval.attach",
+    "attach": "knnmoe_eval.retrieval",
+    "Retriever": "knnmoe_eval.retrieval",
     "KnnMoeOptions": "knnmoe_eval.options",
     "BuildOptions": "knnmoe_eval.options",
     "Memory": "knnmoe_eval.memory",

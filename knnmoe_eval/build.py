@@ -1,0 +1,307 @@
+"""Memory construction: teacher-force gold answers, one joint gradient step on every router's logits, store.
+
+For a batch of reference sequences (context + gold continuation):
+
+    z_l    = W_l h_l                    router logits of every MoE layer l, under stock routing
+    delta  = 0                          a trainable offset per layer and token, fp32
+    loss   = sum_seq mean_{t in answer} -log p(x_{t+1} | x_<=t; z + delta)
+    g_l    = d loss / d delta_l         all layers jointly, one backward pass
+    z*_l   = z_l - eta g_l              (T steps of this, or Adam on delta; the paper uses T = 1, plain steps)
+    memory_l += {(h_l[t], z*_l[t]) : t at the kept positions}
+
+Each sequence's loss is its own mean, so batching never mixes sequences' gradients and eta does not depend on
+the batch. Keys are router inputs under stock routing; values of layer l >= 1 are computed with earlier layers
+stock, but at inference they are applied after earlier layers were already mixed: that mismatch is inherent to
+the paper's method and kept as is.
+
+`grad=dense` (beyond the paper): with top-k gating the paper's gradient never names an unselected expert (zero
+for renormalising families, same sign for all of them otherwise). The forward stays exactly sparse while the
+backward treats the layer as the dense softmax mixture of all experts (straight-through, as DenseMixer), which
+costs E/k times the expert compute during the build.
+
+Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
+the memory itself (`memory.write_memory`) is written last, manifest last of all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from .errors import KnnMoeError
+from .families import RouterSite
+from .hooks import hooked_routers
+from .memory import MANIFEST, save_tensors_atomic, write_json_atomic, write_memory
+from .options import KnnMoeOptions
+
+log = logging.getLogger(__name__)
+
+RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
+BUILD_STATE = "build.json"
+
+
+@dataclass
+class RefSequence:
+    """One reference sequence, tokenized as lm-eval's `hf` model does for loglikelihood."""
+
+    rid: RequestId
+    tokens: list[int]  # model input: (context + continuation)[:-1], left-truncated to max_length
+    targets: list[int]  # next tokens: (context + continuation)[1:]
+    n_cont: int  # the last n_cont positions predict the continuation
+
+
+class OffsetTransform:
+    """Hook transform for the build: adds per-layer trainable offsets and records stock logits and keys."""
+
+    def __init__(self, sites: Sequence[RouterSite], dense: bool):
+        self.sites = sites
+        self.dense = dense
+        self.reset()
+
+    def reset(self) -> None:
+        self.deltas: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32, requires grad
+        self.stock_logits: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32
+        self.keys: dict[int, torch.Tensor] = {}  # (n_tokens, d) router inputs under stock routing
+        self.dense_probs: dict[int, torch.Tensor] = {}
+
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if site.layer not in self.deltas:  # first forward of this batch: routing is stock (delta = 0)
+            self.keys[site.layer] = h.detach()
+            self.stock_logits[site.layer] = z.detach().float()
+            self.deltas[site.layer] = torch.zeros(z.shape, dtype=torch.float32, device=z.device, requires_grad=True)
+        shifted = (z.float() + self.deltas[site.layer]).to(z.dtype)
+        if not self.dense:
+            return shifted
+        # straight-through: the gating below sees detached logits (forward exactly sparse), the experts hook adds
+        # a zero-valued dense mixture whose gradient reaches delta through these probabilities
+        self.dense_probs[site.layer] = F.softmax(shifted.float(), dim=-1)
+        return shifted.detach()
+
+    def dense_hook(self, layer: int):
+        def hook(experts: torch.nn.Module, args, output):
+            h = args[0].detach()  # (n_tokens, d)
+            p = self.dense_probs.pop(layer)  # (n_tokens, E)
+            all_experts = torch.arange(p.shape[-1], device=p.device).expand(p.shape[0], -1)
+            dense = experts.forward(h, all_experts, p.to(h.dtype))
+            return output + (dense - dense.detach())
+
+        return hook
+
+
+@dataclass
+class _Shard:
+    rids: list[RequestId] = field(default_factory=list)
+    loglik: list[tuple[float, bool]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # kept positions per request
+    keys: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    values: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> int:
+        return sum(self.counts)
+
+
+class MemoryBuilder:
+    def __init__(self, model: torch.nn.Module, sites: Sequence[RouterSite], signature: dict, options: KnnMoeOptions,
+                 rank: int = 0, world_size: int = 1):
+        self.model, self.sites, self.signature, self.opts = model, list(sites), signature, options
+        self.rank, self.world_size = rank, world_size
+        self.out = Path(options.memory)
+        self.shard_dir = self.out / "shards"
+        self.transform = OffsetTransform(self.sites, dense=options.grad == "dense")
+        self._check_out_dir()
+
+    # -- resumable state -------------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"model": self.signature, "build": self.opts.build_settings}
+
+    def _check_out_dir(self) -> None:
+        if (self.out / MANIFEST).exists():
+            raise KnnMoeError(
+                f"{self.out} already holds a complete memory; build into a new directory (or delete this one)"
+            )
+        state_file = self.out / BUILD_STATE
+        if state_file.exists():
+            old = json.loads(state_file.read_text())
+            if old["model"] != self.signature:
+                raise KnnMoeError(
+                    f"{self.out} holds a partial build for another model ({old['model'].get('name_or_path')!r}); "
+                    "use another directory or delete it"
+                )
+            if old["build"] != self.opts.build_settings:
+                raise KnnMoeError(
+                    f"{self.out} holds a partial build with other settings {old['build']}; resume it with those "
+                    "settings, or use another directory"
+                )
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise KnnMoeError(f"{self.out} exists and is not a kNN-MoE build directory; choose an empty or new one")
+
+    def _finished_shards(self) -> list[Path]:
+        return sorted(self.shard_dir.glob("shard_*.safetensors")) if self.shard_dir.exists() else []
+
+    @staticmethod
+    def _read_shard(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["build"])
+        return meta, load_file(str(path))
+
+    def _flush(self, shard: _Shard, seq_no: int) -> None:
+        if not shard.rids:
+            return
+        tensors = {}
+        for layer in shard.keys:
+            tensors[f"keys.{layer}"] = torch.cat(shard.keys[layer]).to(torch.float16)
+            tensors[f"values.{layer}"] = torch.cat(shard.values[layer])
+        meta = {"rids": shard.rids, "loglik": shard.loglik, "counts": shard.counts}
+        save_tensors_atomic(self.shard_dir / f"shard_{self.rank:03d}_{seq_no:06d}.safetensors", tensors,
+                            metadata={"build": json.dumps(meta)})
+
+    @contextmanager
+    def _dense_experts(self) -> Iterator[None]:
+        """Under grad=dense, every MoE layer's experts also return the (zero-valued) dense mixture."""
+        with ExitStack() as stack:
+            if self.transform.dense:
+                for site in self.sites:
+                    experts = self.model.get_submodule(site.name.rsplit(".", 1)[0]).experts
+                    stack.callback(experts.register_forward_hook(self.transform.dense_hook(site.layer)).remove)
+            yield
+
+    # -- the method ------------------------------------------------------------------------------------------
+    def _batch_step(self, batch: list[RefSequence], shard: _Shard, pad_id: int) -> None:
+        device = next(self.model.parameters()).device
+        width = max(len(s.tokens) for s in batch)
+        inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        for i, s in enumerate(batch):
+            inputs[i, : len(s.tokens)] = torch.tensor(s.tokens)
+        inputs = inputs.to(device)
+        # positions scored by the loss, and kept in the memory
+        kept = torch.zeros(len(batch), width, dtype=torch.bool)
+        scored = torch.zeros(len(batch), width, dtype=torch.bool)
+        targets = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, s in enumerate(batch):
+            n = len(s.tokens)
+            targets[i, :n] = torch.tensor(s.targets)
+            scored[i, n - s.n_cont : n] = True
+            kept[i, n - s.n_cont if self.opts.positions == "answer" else 1 : n] = True
+        kept, scored, targets = kept.to(device), scored.to(device), targets.to(device)
+
+        self.transform.reset()
+        deltas, optimizer = None, None
+        for step in range(self.opts.steps):
+            with torch.enable_grad(), hooked_routers(self.sites, self.transform), self._dense_experts():
+                logits = self.model(inputs).logits.float()  # (b, T, V)
+                logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, T)
+                per_seq = -(logp * scored).sum(-1) / scored.sum(-1)  # mean NLL over each sequence's answer
+                if step == 0:
+                    greedy = (logits.argmax(-1) == targets) | ~scored
+                    for i, s in enumerate(batch):
+                        shard.loglik.append((float((logp[i] * scored[i]).sum().detach()), bool(greedy[i].all())))
+                    deltas = [self.transform.deltas[s.layer] for s in self.sites]
+                    if self.opts.optimizer == "adam":
+                        optimizer = torch.optim.Adam(deltas, lr=self.opts.eta)
+                grads = torch.autograd.grad(per_seq.sum(), deltas, allow_unused=True)
+            with torch.no_grad():
+                for delta, g in zip(deltas, grads):
+                    if g is None:
+                        continue  # a layer that cannot influence the loss (e.g. no answer tokens reach it)
+                    if optimizer is None:
+                        delta -= self.opts.eta * g
+                    else:
+                        delta.grad = g
+                if optimizer is not None:
+                    optimizer.step()
+        flat_kept = kept.reshape(-1)
+        for site in self.sites:
+            layer = site.layer
+            z_star = self.transform.stock_logits[layer] + self.transform.deltas[layer].detach()  # (b*T, E)
+            shard.keys.setdefault(layer, []).append(self.transform.keys[layer][flat_kept].float().cpu())
+            shard.values.setdefault(layer, []).append(z_star[flat_kept].cpu())
+        for i, s in enumerate(batch):
+            shard.rids.append(s.rid)
+            shard.counts.append(int(kept[i].sum()))
+
+    def run(self, sequences: list[RefSequence], pad_id: int, batch_size: int) -> dict[RequestId, tuple[float, bool]]:
+        """Build (or resume) this rank's shards from `sequences`; returns the stock loglikelihood of each."""
+        if not sequences:
+            raise KnnMoeError("the build task produced no requests: its reference split is empty")
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # only the offsets are differentiated
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            write_json_atomic(self.out / BUILD_STATE, self._state())
+        self.shard_dir.mkdir(exist_ok=True)
+
+        results: dict[RequestId, tuple[float, bool]] = {}
+        mine = [p for p in self._finished_shards() if p.name.startswith(f"shard_{self.rank:03d}_")]
+        for path in mine:
+            meta, _ = self._read_shard(path)
+            results.update({tuple(r): tuple(ll) for r, ll in zip(meta["rids"], meta["loglik"])})
+        todo = [s for s in sequences if s.rid not in results]
+        if results:
+            log.info("resuming build in %s: %d of %d requests already done", self.out, len(results), len(sequences))
+        todo.sort(key=lambda s: -len(s.tokens))  # similar lengths share a batch: less padding
+        shard, seq_no, tokens, start = _Shard(), len(mine), 0, time.perf_counter()
+        bar = tqdm(total=len(todo), desc=f"kNN-MoE build (rank {self.rank})", unit="seq")
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b : b + batch_size]
+            self._batch_step(batch, shard, pad_id)
+            tokens += sum(len(s.tokens) for s in batch)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            if shard.positions >= self.opts.shard_tokens:
+                self._flush(shard, seq_no)
+                results.update(zip(shard.rids, shard.loglik))
+                shard, seq_no = _Shard(), seq_no + 1
+        bar.close()
+        self._flush(shard, seq_no)
+        results.update(zip(shard.rids, shard.loglik))
+        return results
+
+    def finalize(self) -> Path:
+        """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
+        entries: dict[RequestId, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        for path in self._finished_shards():
+            meta, tensors = self._read_shard(path)
+            offset = 0
+            for rid, count in zip(meta["rids"], meta["counts"]):
+                rid = tuple(rid)
+                if rid not in entries:
+                    sl = slice(offset, offset + count)
+                    entries[rid] = (
+                        {s.layer: tensors[f"keys.{s.layer}"][sl] for s in self.sites},
+                        {s.layer: tensors[f"values.{s.layer}"][sl] for s in self.sites},
+                    )
+                offset += count
+        order = sorted(entries)
+        keys = {s.layer: torch.cat([entries[r][0][s.layer] for r in order]) for s in self.sites}
+        values = {s.layer: torch.cat([entries[r][1][s.layer] for r in order]) for s in self.sites}
+        settings = {**self.opts.build_settings, "requests": len(order),
+                    "tasks": sorted({r[0] for r in order})}
+        write_memory(self.out, keys, values, self.signature, build=settings)
+        for path in self._finished_shards():
+            path.unlink()
+        self.shard_dir.rmdir()
+        (self.out / BUILD_STATE).unlink()
+        log.info("kNN-MoE memory written to %s: %d requests, %d keys per layer", self.out, len(order),
+                 keys[self.sites[0].layer].shape[0])
+        return self.out
+
+
+def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: list[int], max_length: int) -> RefSequence:
+    """The same truncation as lm-eval's `hf` loglikelihood: keep the last max_length + 1 tokens."""
+    if not continuation_enc:
+        raise KnnMoeError(f"request {rid} has an empty continuation: a build task's target must be the gold answer")
+    whole = (context_enc + continuation_enc)[-(max_length + 1):]
+    return RefSequence(rid, whole[:-1], whole[1:], min(len(continuation_enc), len(whole) - 1))

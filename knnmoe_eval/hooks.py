@@ -1,0 +1,51 @@
+"""The one hook mechanism shared by retrieval and memory building.
+
+Each router *instance* gets its forward replaced (checkpoint key names, `output_router_logits` recording and the
+MoE block's call all stay as they are) by: logits from the router input, `transform(site, h, z) -> z'`, then the
+family's own gating on z'. Retrieval's transform mixes in the memory; the build's adds trainable offsets and
+records keys. The context manager restores every router in `finally` and, on exit, checks that every hooked
+router actually ran: a hub kernel that replaces the MoE forward would otherwise silently bypass us.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .errors import KnnMoeError
+from .families import RouterSite
+
+Transform = Callable[[RouterSite, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _hooked_forward(site: RouterSite, transform: Transform, calls: dict[int, int]):
+    def forward(hidden_states: torch.Tensor):
+        h = hidden_states.reshape(-1, site.hidden_size)  # (n_tokens, d)
+        z = transform(site, h, site.logits(h))  # (n_tokens, E)
+        scores, indices = site.gate(z)
+        calls[site.layer] += 1
+        return z, scores, indices
+
+    return forward
+
+
+@contextmanager
+def hooked_routers(sites: Sequence[RouterSite], transform: Transform, check_fired: bool = True) -> Iterator[None]:
+    calls = {site.layer: 0 for site in sites}
+    try:
+        for site in sites:
+            if "forward" in vars(site.module):
+                raise KnnMoeError(f"router {site.name} is already hooked: kNN-MoE hooks cannot be nested")
+            site.module.forward = _hooked_forward(site, transform, calls)
+        yield
+    finally:
+        for site in sites:
+            vars(site.module).pop("forward", None)
+    if check_fired and any(n == 0 for n in calls.values()):
+        silent = [site.name for site in sites if calls[site.layer] == 0]
+        raise KnnMoeError(
+            f"the kNN-MoE router hook never ran for {silent}: the MoE forward bypassed the router module "
+            "(a hub kernel such as MegaBlocksMoeMLP?). Load the model with use_kernels=False."
+        )

@@ -1,0 +1,51 @@
+"""The kNN-MoE inference rule, as pure torch: neighbours -> similarities -> proposal -> confidence -> mixed logits.
+
+For one MoE layer and n tokens with router logits z and the k retrieved memory entries (distance, value z*):
+
+    s_i    = exp(-||h - key_i||^2 / (2 sigma^2))            (rbf; or on L2-normalised vectors; or cosine)
+    z_mem  = sum_i s_i z*_i / sum_i s_i                      similarity-weighted proposal
+    lambda = mean_i s_i                                      confidence: ~1 on a stored key, -> 0 far away
+    z'     = (1 - lambda) z + lambda z_mem                   then the model's own top-k gating runs on z'
+
+Tokens with lambda == 0 get z back unchanged (not recomputed), which is what makes an empty or far-away memory
+reproduce the stock model bit for bit. Independent of models, families and lm-eval; `attach` calls it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SIMILARITIES = ("rbf", "rbf_l2", "cosine")
+
+
+def similarity(dist2: torch.Tensor, kind: str, two_sigma2: float, max_distance: float | None = None) -> torch.Tensor:
+    """Similarities (n, k) from squared L2 distances (n, k).
+
+    For `rbf_l2` and `cosine` the distances must be between L2-normalised vectors, where ||a - b||^2 = 2 - 2 cos.
+    `max_distance` (in the same space as the distances) sets s = 0 beyond it: the exp kernel alone never reaches 0.
+    """
+    if kind in ("rbf", "rbf_l2"):
+        s = torch.exp(-dist2 / two_sigma2)
+    elif kind == "cosine":
+        s = (1.0 - dist2 / 2.0).clamp(min=0.0)  # anti-similar neighbours carry no confidence
+    else:
+        raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
+    if max_distance is not None:
+        s = torch.where(dist2 > max_distance**2, torch.zeros_like(s), s)
+    return s
+
+
+def mix(z: torch.Tensor, values: torch.Tensor, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixed logits and confidence.
+
+    z:      (n, E)    the router's own logits
+    values: (n, k, E) the retrieved z* of each token's k neighbours
+    sims:   (n, k)    their similarities, in [0, 1]
+    returns z' (n, E) in z's dtype, lambda (n,) fp32
+    """
+    sims = sims.float()
+    lam = sims.mean(dim=-1)  # (n,)
+    total = sims.sum(dim=-1, keepdim=True)  # (n, 1)
+    z_mem = (sims.unsqueeze(-1) * values.float()).sum(dim=1) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    mixed = (1.0 - lam).unsqueeze(-1) * z.float() + lam.unsqueeze(-1) * z_mem  # (n, E)
+    return torch.where((lam > 0).unsqueeze(-1), mixed.to(z.dtype), z), lam
