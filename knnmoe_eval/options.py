@@ -86,8 +86,11 @@ def _coerce(name: str, value: Any) -> Any:
     """lm-eval parses model_args itself ("1" -> 1, "True" -> True); finish the job for our fields."""
     if name in ("sigma", "max_distance", "diagnostics", "memory") and value in (None, "auto", "none", "None", ""):
         return None
-    if name in ("k", "steps", "nprobe", "shard_tokens") and isinstance(value, float) and value.is_integer():
-        return int(value)
+    if name in ("k", "steps", "nprobe", "shard_tokens"):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
     if name in ("sigma", "max_distance", "eta") and isinstance(value, (int, float, str)):
         try:
             return float(value)

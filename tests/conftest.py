@@ -1,0 +1,55 @@
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from knnmoe_eval.families import find_routers
+from knnmoe_eval.hooks import hooked_routers
+from knnmoe_eval.memory import model_signature, write_memory
+from knnmoe_eval.tiny import FAMILIES, make_tiny_model, save_tiny
+
+TASKS = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def olmoe_dir(tmp_path_factory):
+    return str(save_tiny("olmoe", tmp_path_factory.mktemp("olmoe")))
+
+
+def signature(model):
+    return model_signature(model, find_routers(model))
+
+
+def router_inputs(model, input_ids):
+    """Every MoE layer's router inputs (n_tokens, d) for `input_ids`, under stock routing."""
+    keys = {}
+
+    def record(site, h, z):
+        keys[site.layer] = h.detach().clone()
+        return z
+
+    with torch.no_grad(), hooked_routers(find_routers(model), record):
+        model(input_ids)
+    return keys
+
+
+def write_constant_memory(path, model, keys, values_fn):
+    """A memory with the given keys per layer and values_fn(layer, n, E) as values."""
+    sig = signature(model)
+    values = {l: values_fn(l, keys[l].shape[0], sig["num_experts"]) for l in sig["moe_layers"]}
+    return write_memory(path, keys, values, sig)
+
+
+def empty_keys(model):
+    sig = signature(model)
+    return {l: torch.zeros(0, sig["hidden_size"]) for l in sig["moe_layers"]}
+
+
+__all__ = ["make_tiny_model", "signature", "router_inputs", "write_constant_memory", "empty_keys", "TASKS"]

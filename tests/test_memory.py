@@ -1,0 +1,127 @@
+"""The memory format round-trips, and every bad memory or option is refused with a message naming the fix."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import router_inputs, signature, write_constant_memory
+from knnmoe_eval import KnnMoeError, attach, load_memory
+from knnmoe_eval.memory import sha256_file, write_memory
+from knnmoe_eval.options import KnnMoeOptions, split_model_args
+from knnmoe_eval.tiny import make_tiny_model
+
+IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def model():
+    return make_tiny_model("olmoe")
+
+
+@pytest.fixture
+def mem(tmp_path, model):
+    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, IDS), lambda l, n, e: torch.randn(n, e))
+
+
+def test_round_trip_keeps_fp16_keys_fp32_values_and_sigma_stats(mem, model):
+    keys = router_inputs(model, IDS)
+    m = load_memory(mem)
+    for layer, lm in m.layers.items():
+        assert lm.keys.dtype == torch.float16 and lm.values.dtype == torch.float32
+        assert torch.equal(lm.keys, keys[layer].half())
+        assert lm.stats["mean_nn_sq_dist"] > 0
+    m.check_matches(signature(model))
+
+
+def test_missing_directory(tmp_path, model):
+    with pytest.raises(KnnMoeError, match="does not exist. Build one"):
+        with attach(model, tmp_path / "nope"):
+            pass
+
+
+def test_incomplete_memory_without_manifest(mem, model):
+    (mem / "manifest.json").unlink()
+    with pytest.raises(KnnMoeError, match="incomplete.*resume"):
+        load_memory(mem)
+
+
+def test_memory_of_another_model_is_refused_by_fingerprint(mem):
+    other = make_tiny_model("olmoe", seed=1)
+    with pytest.raises(KnnMoeError, match="router weights of layers"):
+        with attach(other, mem):
+            pass
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [({"num_hidden_layers": 3}, "moe_layers"), ({"hidden_size": 48, "head_dim": 12}, "hidden_size"),
+     ({"num_experts": 4}, "num_experts")],
+)
+def test_memory_for_another_shape_names_the_mismatch(mem, overrides, field):
+    other = make_tiny_model("olmoe", **overrides)
+    with pytest.raises(KnnMoeError, match=f"{field} is"):
+        with attach(other, mem):
+            pass
+
+
+def test_corrupted_and_truncated_shards_fail_the_checksum(mem):
+    f = mem / "layer_000.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(KnnMoeError, match="truncated or corrupted"):
+        load_memory(mem)
+    f.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(KnnMoeError, match="truncated or corrupted"):
+        load_memory(mem)
+
+
+def test_nan_keys_are_refused_at_write_and_at_load(tmp_path, mem, model):
+    keys = router_inputs(model, IDS)
+    keys[0][3, 1] = float("nan")
+    with pytest.raises(KnnMoeError, match="NaN"):
+        write_memory(tmp_path / "bad", keys, {l: torch.zeros(k.shape[0], 8) for l, k in keys.items()}, signature(model))
+    assert not (tmp_path / "bad" / "manifest.json").exists()
+    # a file tampered after writing, with a matching checksum, is still refused
+    f = mem / "layer_000.safetensors"
+    good = load_memory(mem).layers[0]
+    bad_keys = good.keys.clone()
+    bad_keys[0, 0] = float("nan")
+    save_file({"keys": bad_keys, "values": good.values}, str(f))
+    manifest = json.loads((mem / "manifest.json").read_text())
+    manifest["layers"]["0"]["sha256"] = sha256_file(f)
+    (mem / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KnnMoeError, match="NaN"):
+        load_memory(mem)
+
+
+def test_k_larger_than_the_memory(mem, model):
+    n = load_memory(mem).layers[0].keys.shape[0]
+    with pytest.raises(KnnMoeError, match=f"k={n + 1} but layer 0 .* holds only {n} keys"):
+        with attach(model, mem, k=n + 1):
+            pass
+
+
+def test_existing_memory_is_not_overwritten(mem, model):
+    with pytest.raises(KnnMoeError, match="already holds a memory"):
+        write_constant_memory(mem, model, router_inputs(model, IDS), lambda l, n, e: torch.zeros(n, e))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [({"memory": "m", "k": 0}, "k=0"), ({"memory": "m", "similarity": "l1"}, "similarity"),
+     ({"memory": "m", "eta": -1.0}, "eta"), ({"memory": "m", "eta": float("nan")}, "eta"),
+     ({"memory": "m", "grad": "magic"}, "grad"), ({}, "needs memory=DIR")],
+)
+def test_bad_options(args, message):
+    with pytest.raises(KnnMoeError, match=message):
+        KnnMoeOptions(**args)
+
+
+def test_misspelled_model_arg_is_refused_not_forwarded():
+    with pytest.raises(KnnMoeError, match="did you mean 'similarity'"):
+        split_model_args({"memory": "m", "similarty": "rbf"}, passthrough={"pretrained"})
+    opts, rest = split_model_args({"memory": "m", "k": "2", "sigma": "auto", "dtype": "float32"}, {"dtype"})
+    assert opts.k == 2 and opts.sigma is None and rest == {"dtype": "float32"}
