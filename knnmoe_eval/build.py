@@ -179,7 +179,8 @@ class MemoryBuilder:
             yield
 
     # -- the method ------------------------------------------------------------------------------------------
-    def _batch_step(self, batch: list[RefSequence], shard: _Shard, pad_id: int) -> None:
+    def _batch_step(self, batch: list[RefSequence], shard: _Shard, pad_id: int) -> list[float]:
+        """Run the T steps on one batch, append its entries to `shard`; returns the loss before each step."""
         device = next(self.model.parameters()).device
         width = max(len(s.tokens) for s in batch)
         inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -198,7 +199,7 @@ class MemoryBuilder:
         kept, scored, targets = kept.to(device), scored.to(device), targets.to(device)
 
         self.transform.reset()
-        deltas, optimizer = None, None
+        deltas, optimizer, losses = None, None, []
         for step in range(self.opts.steps):
             with torch.enable_grad(), hooked_routers(self.sites, self.transform), self._dense_experts():
                 logits = self.model(inputs).logits.float()  # (b, T, V)
@@ -211,7 +212,9 @@ class MemoryBuilder:
                     deltas = [self.transform.deltas[s.layer] for s in self.sites]
                     if self.opts.optimizer == "adam":
                         optimizer = torch.optim.Adam(deltas, lr=self.opts.eta)
-                grads = torch.autograd.grad(per_seq.sum(), deltas, allow_unused=True)
+                loss = per_seq.sum()
+                losses.append(float(loss.detach()))
+                grads = torch.autograd.grad(loss, deltas, allow_unused=True)
             with torch.no_grad():
                 for delta, g in zip(deltas, grads):
                     if g is None:
@@ -231,6 +234,7 @@ class MemoryBuilder:
         for i, s in enumerate(batch):
             shard.rids.append(s.rid)
             shard.counts.append(int(kept[i].sum()))
+        return losses
 
     def run(self, sequences: list[RefSequence], pad_id: int, batch_size: int) -> dict[RequestId, tuple[float, bool]]:
         """Build (or resume) this rank's shards from `sequences`; returns the stock loglikelihood of each."""
@@ -253,13 +257,15 @@ class MemoryBuilder:
             log.info("resuming build in %s: %d of %d requests already done", self.out, len(results), len(sequences))
         todo.sort(key=lambda s: -len(s.tokens))  # similar lengths share a batch: less padding
         shard, seq_no, tokens, start = _Shard(), len(mine), 0, time.perf_counter()
+        self.loss_curve = [0.0] * self.opts.steps  # summed reference NLL before each step, over this run's batches
         bar = tqdm(total=len(todo), desc=f"kNN-MoE build (rank {self.rank})", unit="seq")
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
-            self._batch_step(batch, shard, pad_id)
+            losses = self._batch_step(batch, shard, pad_id)
+            self.loss_curve = [a + b for a, b in zip(self.loss_curve, losses)]
             tokens += sum(len(s.tokens) for s in batch)
             bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", nll=f"{losses[0] / len(batch):.3f}")
             if shard.positions >= self.opts.shard_tokens:
                 self._flush(shard, seq_no)
                 results.update(zip(shard.rids, shard.loglik))
