@@ -1,0 +1,104 @@
+"""hf-knnmoe through lm-eval: the plain CLI, stock reproduction, build then self-retrieval, diagnostics."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval
+import lm_eval.tasks
+import pytest
+import torch
+
+from conftest import TASKS
+from knnmoe_eval import KnnMoeError
+from knnmoe_eval.families import find_routers
+from knnmoe_eval.memory import model_signature, write_memory
+
+
+_TASK_MANAGER = []
+
+
+def evaluate(model, model_args, tasks, **kw):
+    if not _TASK_MANAGER:  # indexing lm-eval's thousands of task YAMLs takes seconds: do it once
+        _TASK_MANAGER.append(lm_eval.tasks.TaskManager(include_path=TASKS))
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=tasks, task_manager=_TASK_MANAGER[0],
+        batch_size=4, device="cpu", log_samples=True, **kw,
+    )
+
+
+def per_doc(results, task):
+    return [(s["doc_id"], s["resps"]) for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+@pytest.fixture(scope="module")
+def empty_memory(olmoe_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(olmoe_dir)
+    sig = model_signature(model, find_routers(model))
+    out = tmp_path_factory.mktemp("m") / "empty"
+    return str(write_memory(out, {l: torch.zeros(0, sig["hidden_size"]) for l in sig["moe_layers"]},
+                            {l: torch.zeros(0, sig["num_experts"]) for l in sig["moe_layers"]}, sig))
+
+
+def test_empty_memory_reproduces_hf_through_lm_eval(olmoe_dir, empty_memory):
+    tasks = ["tinyqa", "tinyqa_gen"]
+    stock = evaluate("hf", f"pretrained={olmoe_dir}", tasks)
+    ours = evaluate("hf-knnmoe", f"pretrained={olmoe_dir},memory={empty_memory}", tasks)
+    for task in tasks:
+        assert per_doc(ours, task) == per_doc(stock, task)
+    diag = ours["config"]["knnmoe"]["diagnostics"]
+    assert set(diag) == {"0", "1"} and all(d["tokens"] > 0 and d["mean_lambda"] == 0 for d in diag.values())
+
+
+def test_build_then_self_retrieval_lowers_the_reference_nll(olmoe_dir, tmp_path):
+    mem = tmp_path / "mem"
+    built = evaluate("hf-knnmoe", f"pretrained={olmoe_dir},mode=build,memory={mem},eta=100", ["tinyqa_ref"])
+    stock = evaluate("hf", f"pretrained={olmoe_dir}", ["tinyqa_ref"])
+    # the build's own results are the stock model's loglikelihoods of the gold answers
+    for (_, a), (_, b) in zip(per_doc(built, "tinyqa_ref"), per_doc(stock, "tinyqa_ref")):
+        assert a[0][0][0] == pytest.approx(b[0][0][0], abs=1e-3)
+    ours = evaluate("hf-knnmoe", f"pretrained={olmoe_dir},memory={mem}", ["tinyqa_ref"])
+    nll = lambda r: -sum(resps[0][0][0] for _, resps in per_doc(r, "tinyqa_ref"))  # noqa: E731
+    assert nll(ours) < nll(stock)
+    assert json.loads((mem / "manifest.json").read_text())["build"]["requests"] == 12
+
+
+@pytest.mark.parametrize("task, message", [("tinyqa", "several answer choices"), ("tinyqa_gen", "loglikelihood build")])
+def test_build_mode_refuses_tasks_that_are_not_build_tasks(olmoe_dir, tmp_path, task, message):
+    with pytest.raises(KnnMoeError, match=message):
+        evaluate("hf-knnmoe", f"pretrained={olmoe_dir},mode=build,memory={tmp_path / 'm'}", [task])
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_unsupported_family_is_refused_at_load(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from knnmoe_eval.tiny import make_tokenizer
+
+    cfg = LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(KnnMoeError, match="does not support model_type 'llama'"):
+        evaluate("hf-knnmoe", f"pretrained={tmp_path},memory={tmp_path}", ["tinyqa"])
+
+
+def test_plain_lm_eval_cli_finds_hf_knnmoe_and_saves_diagnostics(olmoe_dir, empty_memory, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf-knnmoe",
+           "--model_args", f"pretrained={olmoe_dir},memory={empty_memory}", "--tasks", "tinyqa",
+           "--include_path", TASKS, "--limit", "4", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results,) = list((tmp_path / "out").rglob("results_*.json"))
+    assert "diagnostics" in json.loads(results.read_text())["config"]["knnmoe"]
+
+
+def test_registration_hook_costs_no_heavy_import():
+    code = "import sys; print('torch' in sys.modules, 'lm_eval' in sys.modules, 'knnmoe_eval' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "True"]
