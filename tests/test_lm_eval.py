@@ -102,3 +102,25 @@ def test_registration_hook_costs_no_heavy_import():
     code = "import sys; print('torch' in sys.modules, 'lm_eval' in sys.modules, 'knnmoe_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"]
+
+
+def test_two_process_build_equals_the_one_process_build(olmoe_dir, tmp_path):
+    """torchrun + ACCELERATE_USE_CPU=1: each rank builds its share of the requests; rank 0 merges in request order."""
+    from safetensors.torch import load_file
+
+    single = tmp_path / "one"
+    evaluate("hf-knnmoe", f"pretrained={olmoe_dir},mode=build,memory={single}", ["tinyqa_ref"])
+    double = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "lm_eval", "--model", "hf-knnmoe", "--model_args",
+           f"pretrained={olmoe_dir},mode=build,memory={double}", "--tasks", "tinyqa_ref", "--include_path", TASKS,
+           "--batch_size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kNN-MoE build (rank 1)" in proc.stderr
+    for layer in (0, 1):
+        a = load_file(str(single / f"layer_{layer:03d}.safetensors"))
+        b = load_file(str(double / f"layer_{layer:03d}.safetensors"))
+        assert torch.equal(a["keys"], b["keys"])
+        torch.testing.assert_close(a["values"], b["values"], rtol=0, atol=1e-5)  # other batches, other padding
