@@ -17,7 +17,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -251,9 +250,3 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
         raise KnnMoeError(f"{out}: manifest lists layers {sorted(layers)} but the model has {manifest['model']['moe_layers']}")
     return Memory(out, manifest, layers)
 
-
-def remove_memory(path: str | Path) -> None:
-    """Delete a memory directory (manifest first, so an interrupted delete never leaves a 'complete' memory)."""
-    out = Path(path)
-    (out / MANIFEST).unlink(missing_ok=True)
-    shutil.rmtree(out, ignore_errors=True)

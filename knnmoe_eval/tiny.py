@@ -62,7 +62,7 @@ def tiny_config(family: str, **overrides):
         "qwen2_moe": dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=16),
         "qwen3_moe": dict(num_experts=8, moe_intermediate_size=16, norm_topk_prob=True),
         "mixtral": dict(num_local_experts=8),
-        "gpt_oss": dict(num_local_experts=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+        "gpt_oss": dict(num_local_experts=8, sliding_window=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     }
     kwargs = {**common, **per_family[family], **overrides}
     if family == "gpt_oss" and "layer_types" not in overrides:
