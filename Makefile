@@ -15,7 +15,7 @@ $(BIN)/knnmoe-ready: pyproject.toml
 install: $(BIN)/knnmoe-ready
 
 demo: install
-	OMP_NUM_THREADS=2 $(BIN)/python scripts/demo.py
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/demo.py
 
 test: install
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q

@@ -78,7 +78,7 @@ def main() -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
     toy_dir = train_or_load(args.cache)
-    tm = lm_eval.tasks.TaskManager(include_path=str(ROOT / "tasks" / "toy"))
+    tm = lm_eval.tasks.TaskManager(include_path=str(ROOT / "tasks" / "toy"), metadata={"toy_dir": str(toy_dir)})
     key = toy_dir.name
     methods = {"stock": ("hf", f"pretrained={toy_dir}")}
     for grad in ("paper", "dense"):

@@ -1,0 +1,7 @@
+"""Data loading for the knnmoe_toy tasks: everything lives in knnmoe_eval.toy; this file is what `!function` sees."""
+
+from knnmoe_eval.toy import hf_dataset
+
+
+def load_toy(**kwargs):
+    return hf_dataset(**kwargs)
