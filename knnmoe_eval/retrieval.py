@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from . import index as knn_index
 from .errors import KnnMoeError
@@ -28,13 +29,51 @@ log = logging.getLogger(__name__)
 
 
 class _LayerRetrieval:
-    def __init__(self, layer: int, keys: torch.Tensor, values: torch.Tensor, two_sigma2: float, opts: KnnMoeOptions):
-        self.layer = layer
+    """One layer's index and values, on the device that holds the layer (each GPU its own layers' indexes)."""
+
+    def __init__(self, site: RouterSite, model: torch.nn.Module, memory: Memory, two_sigma2: float,
+                 opts: KnnMoeOptions):
+        self.layer = site.layer
         self.normalize = opts.similarity in ("rbf_l2", "cosine")
-        keys = keys.float().numpy()
-        self.index = knn_index.build_index(l2_normalize(keys) if self.normalize else keys, opts.index, opts.nprobe)
-        self.values = values  # (n, E) fp32, moved to the model's device on first use
+        mem = memory.layers[site.layer]
+        n, d = mem.keys.shape
+        self.factory = knn_index.factory_string(opts.index, d, n)
+        self.device = site.module.weight.device
+        if knn_index.is_exact(self.factory):
+            decoder_layer = model.get_submodule(site.name.rsplit(".", 2)[0])
+            macs = knn_index.layer_macs_per_token(decoder_layer, site.num_experts, int(site.module.top_k))
+            knn_index.warn_if_exact_dominates(str(memory.path), n, d, macs)
+        entry = memory.manifest["layers"][str(site.layer)]
+        cpu_index = knn_index.load_or_build(mem.keys, self.factory, opts.nprobe, self.normalize, memory.path,
+                                            site.layer, entry.get("sha256"))
+        self.index = knn_index.to_device(cpu_index, self.device)
+        self.on_device = isinstance(self.index, knn_index.GpuIndex)
+        # approximate indexes re-rank their candidates on the fp16 keys (held by the loaded memory anyway)
+        self.keys = None if knn_index.is_exact(self.factory) else mem.keys.to(self.device)  # (n, d) fp16
+        self.values = mem.values.to(self.device)  # (n, E) fp32
         self.two_sigma2 = two_sigma2
+
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared distances (m, k) fp32 and ids (m, k) of the k nearest keys to the queries q (m, d) fp32."""
+        wanted = k if self.keys is None else min(k * knn_index.RERANK, self.keys.shape[0])
+        if self.on_device:  # faiss-gpu searches the CUDA tensor in place: no host round trip
+            dist2, ids = self.index.search(F.normalize(q, dim=-1, eps=1e-12) if self.normalize else q, wanted)
+        else:
+            q_np = q.cpu().numpy()
+            dist2, ids = knn_index.search(self.index, l2_normalize(q_np) if self.normalize else q_np, wanted)
+            dist2, ids = torch.from_numpy(dist2).to(q.device), torch.from_numpy(ids).to(q.device)
+        if self.keys is None:
+            return dist2, ids
+        # approximate distances (PCA and PQ shrink them) would skew the similarity and sigma=auto, which are
+        # defined on true distances: re-rank the candidates by their true distance to the query
+        found = ids >= 0  # IVF returns -1 when the probed lists hold fewer candidates
+        ids = ids.clamp_min(0)
+        candidates = self.keys[ids].float()  # (m, wanted, d)
+        if self.normalize:
+            q, candidates = F.normalize(q, dim=-1, eps=1e-12), F.normalize(candidates, dim=-1, eps=1e-12)
+        dist2 = (candidates - q.unsqueeze(1)).pow(2).sum(-1).masked_fill(~found, float("inf"))
+        dist2, order = dist2.topk(k, dim=-1, largest=False)  # (m, k)
+        return dist2, ids.gather(1, order)
 
 
 class Retriever:
@@ -55,7 +94,7 @@ class Retriever:
                     f"use k <= {len(mem)} or a larger memory"
                 )
             self.layers[site.layer] = _LayerRetrieval(
-                site.layer, mem.keys, mem.values, self._two_sigma2(mem.stats, site.layer, memory.path), options
+                site, model, memory, self._two_sigma2(mem.stats, site.layer, memory.path), options
             )
         self.token_mask: torch.Tensor | None = None  # (n_tokens,) bool: rows to search, when padding is known
         self.reset_diagnostics()
@@ -93,12 +132,8 @@ class Retriever:
         q = (h if rows is None else h[rows]).detach().float()  # (m, d)
         if torch.isnan(q).any():
             raise KnnMoeError(f"NaN in the router input of layer {site.layer}: the model's forward produced NaN")
-        q = q.cpu().numpy()
-        dist2, ids = knn_index.search(layer.index, l2_normalize(q) if layer.normalize else q, self.options.k)
-        dist2 = torch.from_numpy(dist2).to(z.device)  # (m, k)
-        ids = torch.from_numpy(ids).to(z.device)
-        if layer.values.device != z.device:
-            layer.values = layer.values.to(z.device)
+        dist2, ids = layer.search(q, self.options.k)  # (m, k) each, on the layer's device
+        dist2, ids = dist2.to(z.device), ids.to(z.device)
         sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
         z_sub = z if rows is None else z[rows]
         mixed, lam = mix(z_sub, layer.values[ids], sims)  # (m, E), (m,)

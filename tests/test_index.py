@@ -1,0 +1,132 @@
+"""Indexes: exact stays the paper's bit-identical default; ivfpq/hnsw are saved, checksummed, reloaded and agree."""
+
+import logging
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from conftest import router_inputs, write_constant_memory
+from knnmoe_eval import attach
+from knnmoe_eval import index as knn_index
+from knnmoe_eval.errors import KnnMoeError
+from knnmoe_eval.options import KnnMoeOptions
+from knnmoe_eval.tiny import make_tiny_model
+
+IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def clustered(n, d, seed=0):
+    """Keys with structure (router inputs are far from isotropic): 40 clusters in a 16-dim subspace, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(16, d, generator=g)
+    centres = torch.randn(40, 16, generator=g) * 3
+    x = centres[torch.randint(0, 40, (n,), generator=g)] + torch.randn(n, 16, generator=g)
+    return (x @ basis + 0.1 * torch.randn(n, d, generator=g)).half()
+
+
+def test_exact_is_the_default_and_bit_identical_to_a_plain_sqfp16_index():
+    assert KnnMoeOptions(memory="m").index == "exact"
+    keys = clustered(2000, 64)
+    queries = clustered(100, 64, seed=1).float().numpy()
+    plain = faiss.index_factory(64, "SQfp16", faiss.METRIC_L2)
+    plain.add(keys.float().numpy())
+    ours = knn_index.build_index(keys, knn_index.factory_string("exact", 64, 2000))
+    for a, b in zip(plain.search(queries, 4), knn_index.search(ours, queries, 4)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ivfpq_factory_follows_the_paper_and_scales_lists_with_n():
+    assert knn_index.factory_string("ivfpq", 2048, 100_000) == "PCA256,IVF1024,PQ32x8np"
+    assert knn_index.factory_string("ivfpq", 2048, 1_000_000) == "PCA256,IVF4096,PQ32x8np"
+    small = knn_index.factory_string("ivfpq", 64, 2000)  # too few keys for 256 PQ centroids or 1024 lists
+    assert small.startswith("PCA8,IVF32,PQ8x")
+    assert knn_index.factory_string("IVF16,Flat", 64, 2000) == "IVF16,Flat"
+
+
+@pytest.mark.parametrize("name", ["ivfpq", "hnsw"])
+def test_trained_index_round_trips_through_the_memory_directory(tmp_path, name, monkeypatch):
+    keys = clustered(2000, 64)
+    factory = knn_index.factory_string(name, 64, 2000)
+    queries = clustered(200, 64, seed=1).float().numpy()
+    first = knn_index.load_or_build(keys, factory, 8, False, tmp_path, 3, "sha-of-keys")
+    saved = list((tmp_path / "index").glob("layer_003.*.faiss"))
+    assert len(saved) == 1 and saved[0].with_name(saved[0].name + ".json").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the saved index should have been reused")
+
+    monkeypatch.setattr(knn_index, "build_index", no_training)
+    again = knn_index.load_or_build(keys, factory, 8, False, tmp_path, 3, "sha-of-keys")
+    for a, b in zip(knn_index.search(first, queries, 2), knn_index.search(again, queries, 2)):
+        np.testing.assert_array_equal(a, b)
+    # other keys (or another factory) must not pick up this file
+    assert knn_index.index_path(tmp_path, 3, knn_index.index_spec(factory, False, "other")) != saved[0]
+
+
+def test_corrupted_index_file_is_refused(tmp_path):
+    keys = clustered(2000, 64)
+    factory = knn_index.factory_string("ivfpq", 64, 2000)
+    knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+    (path,) = (tmp_path / "index").glob("*.faiss")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(KnnMoeError, match="corrupted"):
+        knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+
+
+@pytest.mark.parametrize("name", ["ivfpq", "hnsw"])
+def test_approximate_indexes_find_near_keys_and_return_true_distances(name):
+    keys = clustered(2000, 64)
+    exact = knn_index.build_index(keys)
+    approx = knn_index.build_index(keys, knn_index.factory_string(name, 64, 2000), nprobe=8)
+    queries = (keys[:200].float() + 0.05 * torch.randn(200, 64)).numpy()
+    d_exact, _ = knn_index.search(exact, queries, 1)
+    _, ids = knn_index.search(approx, queries, 1)
+    d_found = ((keys.float().numpy()[ids[:, 0]] - queries) ** 2).sum(1)
+    assert np.median(d_found / np.maximum(d_exact[:, 0], 1e-9)) < 1.05
+
+
+@pytest.mark.parametrize("name", ["ivfpq", "hnsw"])
+def test_self_retrieval_through_an_approximate_index_is_confident(tmp_path, name):
+    model = make_tiny_model("olmoe")
+    near = router_inputs(model, IDS)
+    # the sequence's own router inputs among enough unrelated keys to train PCA, IVF and PQ on
+    g = torch.Generator().manual_seed(0)
+    keys = {l: torch.cat([k, 3 * torch.randn(500, k.shape[1], generator=g)]) for l, k in near.items()}
+    mem = write_constant_memory(tmp_path / "m", model, keys, lambda l, n, e: torch.zeros(n, e))
+    with torch.no_grad(), attach(model, mem, index=name, nprobe=4, sigma=1.0) as retriever:
+        model(IDS)
+    assert all(d["mean_lambda"] > 0.99 for d in retriever.diagnostics().values())
+    assert list((tmp_path / "m" / "index").glob("*.faiss"))
+
+
+def test_exact_search_that_would_dominate_is_reported_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="knnmoe_eval.index"):
+        knn_index.warn_if_exact_dominates("mem-small", 1000, 64, layer_macs=10**6)
+        knn_index.warn_if_exact_dominates("mem-big", 100_000, 2048, layer_macs=67 * 10**6)
+        knn_index.warn_if_exact_dominates("mem-big", 100_000, 2048, layer_macs=67 * 10**6)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "mem-big" in warnings[0] and "index=ivfpq" in warnings[0]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and knn_index.gpu_available()), reason="needs a GPU and faiss-gpu")
+@pytest.mark.parametrize("name", ["exact", "ivfpq"])
+def test_gpu_index_searches_cuda_tensors_like_the_cpu_index(name):
+    keys = clustered(2000, 64)
+    cpu = knn_index.build_index(keys, knn_index.factory_string(name, 64, 2000), nprobe=8)
+    gpu = knn_index.to_device(cpu, torch.device("cuda:0"))
+    assert isinstance(gpu, knn_index.GpuIndex)
+    queries = keys[:100].float()
+    _, ids_cpu = knn_index.search(cpu, queries.numpy(), 1)
+    _, ids_gpu = gpu.search(queries.cuda(), 1)
+    assert ids_gpu.is_cuda
+    assert (ids_gpu.cpu().numpy() == ids_cpu).mean() > 0.95
+
+
+def test_cuda_without_faiss_gpu_falls_back_to_the_cpu_index(monkeypatch):
+    monkeypatch.setattr(knn_index, "gpu_available", lambda: False)
+    cpu = knn_index.build_index(clustered(100, 64))
+    assert knn_index.to_device(cpu, torch.device("cuda:0")) is cpu
