@@ -117,9 +117,10 @@ def test_dense_gradient_keeps_the_forward_exactly_sparse():
     assert torch.equal(paper_loss, dense_loss)
 
 
-def test_more_steps_with_a_small_eta_lower_the_reference_loss(tmp_path):
+@pytest.mark.parametrize("optimizer, eta", [("sgd", 0.5), ("adam", 0.05)])
+def test_more_steps_with_a_small_eta_lower_the_reference_loss(tmp_path, optimizer, eta):
     model = make_tiny_model("olmoe")
-    b = builder(model, tmp_path, eta=0.5, steps=4)
+    b = builder(model, tmp_path, eta=eta, steps=4, optimizer=optimizer)
     b.run(sequences(), pad_id=0, batch_size=3)
     curve = b.loss_curve
     assert all(later < earlier for earlier, later in zip(curve, curve[1:])), curve
