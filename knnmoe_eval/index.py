@@ -13,9 +13,10 @@ index is described by two short strings. Three names stand for the choices worth
 Anything else is passed to `faiss.index_factory` as is. Approximate indexes return RERANK x k candidates that
 retrieval re-ranks by their true distance on the fp16 keys, so similarities and sigma=auto keep their meaning.
 
-Indexes that need training are saved next to the memory as `index/layer_XXX.<spec hash>.faiss` with a JSON sidecar holding the file's
-sha256, written last; the checksum is verified before faiss reads the file, and a mismatch is refused. A faiss
-index file is plain data (faiss has no code-carrying serialization), so loading one cannot run code.
+Indexes that need training are saved next to the memory as `index/layer_XXX.<spec hash>.faiss` with a JSON
+sidecar holding the file's sha256, written last; the checksum is verified before faiss reads the file, and a
+mismatch is refused. A faiss index file is plain data (faiss has no code-carrying serialization), so loading one
+cannot run code.
 
 Training runs on a seeded sample and keys are converted and added in chunks, so a layer never needs a float32
 copy of all its keys. GPU residency (faiss-gpu) is optional and imported only when a layer lives on CUDA.
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import KnnMoeError
+from .memory import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +152,6 @@ def index_bytes(idx) -> int:
 # -- trained indexes saved next to the memory -------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def index_spec(factory: str, normalize: bool, keys_sha256: str) -> dict:
     """What a saved index depends on: the keys (by their file's checksum), the factory string, normalization."""
     import faiss
@@ -181,10 +175,10 @@ def read_saved_index(path: Path, spec: dict):
     try:
         meta = json.loads(sidecar.read_text())
     except json.JSONDecodeError as e:
-        raise KnnMoeError(f"{sidecar} is not valid JSON ({e}); delete {path} and its sidecar to rebuild the index") from e
+        raise KnnMoeError(f"{sidecar} is not valid JSON ({e}); delete it and {path} to rebuild the index") from e
     if meta.get("spec") != spec:
         raise KnnMoeError(f"{sidecar} describes another index ({meta.get('spec')}); delete it and {path} to rebuild")
-    if _sha256(path) != meta.get("sha256"):
+    if sha256_file(path) != meta.get("sha256"):
         raise KnnMoeError(
             f"{path} is truncated or corrupted (sha256 differs from {sidecar.name}); it was not loaded. "
             "Delete it and its sidecar to rebuild the index."
@@ -202,7 +196,7 @@ def save_index(idx, path: Path, spec: dict) -> None:
     os.replace(tmp, path)
     sidecar = path.with_name(path.name + ".json")
     tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"spec": spec, "sha256": _sha256(path), "bytes": path.stat().st_size}, indent=2))
+    tmp.write_text(json.dumps({"spec": spec, "sha256": sha256_file(path), "bytes": path.stat().st_size}, indent=2))
     os.replace(tmp, sidecar)
 
 
