@@ -83,7 +83,8 @@ def prune_memory(memory: str | Path | Memory, out_dir: str | Path, model: torch.
     signature = model_signature(model, sites)
     mem.check_matches(signature)
     if min_change is None and dedup is None:
-        raise KnnMoeError("prune_memory needs min_change=<routing weight change> and/or dedup=<fraction of NN distance>")
+        raise KnnMoeError("prune_memory needs min_change=<routing weight change> and/or dedup=<fraction of the NN "
+                          "distance>")
     keys, values, counts = {}, {}, {}
     for site in sites:
         layer = mem.layers[site.layer]

@@ -50,6 +50,8 @@ class _LayerRetrieval:
         self.on_device = isinstance(self.index, knn_index.GpuIndex)
         # approximate indexes re-rank their candidates on the fp16 keys (held by the loaded memory anyway)
         self.keys = None if knn_index.is_exact(self.factory) else mem.keys.to(self.device)  # (n, d) fp16
+        if self.keys is not None:
+            self.key_sq = torch.cat([self._unit(c.float()).pow(2).sum(-1) for c in self.keys.split(65_536)])  # (n,)
         self.values = mem.values.to(self.device)  # (n, E) fp32
         self.two_sigma2 = two_sigma2
 
@@ -68,12 +70,17 @@ class _LayerRetrieval:
         # defined on true distances: re-rank the candidates by their true distance to the query
         found = ids >= 0  # IVF returns -1 when the probed lists hold fewer candidates
         ids = ids.clamp_min(0)
-        candidates = self.keys[ids].float()  # (m, wanted, d)
-        if self.normalize:
-            q, candidates = F.normalize(q, dim=-1, eps=1e-12), F.normalize(candidates, dim=-1, eps=1e-12)
-        dist2 = (candidates - q.unsqueeze(1)).pow(2).sum(-1).masked_fill(~found, float("inf"))
+        candidates = self._unit(self.keys.index_select(0, ids.reshape(-1)).float()).view(*ids.shape, -1)  # (m, r, d)
+        q = self._unit(q)
+        # ||q - c||^2 = ||c||^2 - 2 c.q + ||q||^2: one pass over the candidates instead of a (m, r, d) difference
+        dot = torch.bmm(candidates, q.unsqueeze(-1)).squeeze(-1)  # (m, r)
+        dist2 = self.key_sq[ids] - 2 * dot + q.pow(2).sum(-1, keepdim=True)
+        dist2 = dist2.clamp_min(0).masked_fill(~found, float("inf"))
         dist2, order = dist2.topk(k, dim=-1, largest=False)  # (m, k)
         return dist2, ids.gather(1, order)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1, eps=1e-12) if self.normalize else x
 
 
 class Retriever:

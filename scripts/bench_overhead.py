@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=120, help="context characters (= tokens) per request")
     p.add_argument("--batch-size", type=int, default=4, help="requests per forward (4 x 128 = 512 tokens)")
     p.add_argument("--workdir", type=Path, default=None,
-                   help="keep memories (and their trained indexes) here and reuse them (default: a temporary directory)")
+                   help="keep memories (and their trained indexes) here and reuse them (default: a temporary dir)")
     p.add_argument("--json", type=Path, default=Path("results/bench_overhead.json"))
     p.add_argument("--quick", action="store_true", help="10k keys, 4 requests of 56 tokens")
     args = p.parse_args()
