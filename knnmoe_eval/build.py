@@ -63,8 +63,7 @@ class RefSequence:
 class OffsetTransform:
     """Hook transform for the build: adds per-layer trainable offsets and records stock logits and keys."""
 
-    def __init__(self, sites: Sequence[RouterSite], dense: bool):
-        self.sites = sites
+    def __init__(self, dense: bool):
         self.dense = dense
         self.reset()
 
@@ -118,7 +117,7 @@ class MemoryBuilder:
         self.rank, self.world_size = rank, world_size
         self.out = Path(options.memory)
         self.shard_dir = self.out / "shards"
-        self.transform = OffsetTransform(self.sites, dense=options.grad == "dense")
+        self.transform = OffsetTransform(dense=options.grad == "dense")
         self._check_out_dir()
 
     # -- resumable state -------------------------------------------------------------------------------------

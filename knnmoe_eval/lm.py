@@ -40,13 +40,14 @@ class KnnMoeLM(HFLM):
         self.knn, hf_kwargs = split_model_args(kwargs, passthrough=_HF_ARGS)
         super().__init__(pretrained=pretrained, **hf_kwargs)
         self.sites = find_routers(self.model)  # unsupported family or no routers: fail before any forward
-        signature = model_signature(self.model, self.sites)
         if self.knn.mode == "build":
             self._init_distributed_cpu()
+            signature = model_signature(self.model, self.sites)
             self.builder = MemoryBuilder(self.model, self.sites, signature, self.knn, self.rank, self.world_size)
             self.retriever = None
         else:
-            self.retriever = Retriever(self.model, load_memory(self.knn.memory, self.knn.verify), self.knn)
+            memory = load_memory(self.knn.memory, self.knn.verify)
+            self.retriever = Retriever(self.model, memory, self.knn, sites=self.sites)
 
     def _init_distributed_cpu(self) -> None:
         """`hf` wires data parallelism for accelerators only; a CPU `accelerate launch` build splits requests too."""

@@ -8,7 +8,6 @@ and keeps per-layer diagnostics: mean lambda and the fraction of tokens whose to
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +23,6 @@ from .hooks import hooked_routers
 from .memory import Memory, l2_normalize, load_memory, model_signature
 from .mixing import mix, similarity
 from .options import KnnMoeOptions
-
-log = logging.getLogger(__name__)
 
 
 class _LayerRetrieval:
@@ -86,8 +83,9 @@ class _LayerRetrieval:
 class Retriever:
     """Hook transform that mixes each router's logits with its memory's neighbours."""
 
-    def __init__(self, model: torch.nn.Module, memory: Memory, options: KnnMoeOptions):
-        self.sites = find_routers(model)
+    def __init__(self, model: torch.nn.Module, memory: Memory, options: KnnMoeOptions,
+                 sites: list[RouterSite] | None = None):
+        self.sites = sites if sites is not None else find_routers(model)  # callers that already looked pass them
         memory.check_matches(model_signature(model, self.sites))
         self.options = options
         self.layers: dict[int, _LayerRetrieval] = {}

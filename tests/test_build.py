@@ -33,7 +33,7 @@ def answer_loss_and_grads(model, seq, grad="paper"):
     sites = find_routers(model)
     b = MemoryBuilder.__new__(MemoryBuilder)
     b.model, b.sites = model, sites
-    b.transform = OffsetTransform(sites, dense=grad == "dense")
+    b.transform = OffsetTransform(dense=grad == "dense")
     ids = torch.tensor([seq.tokens])
     with torch.enable_grad(), hooked_routers(sites, b.transform), b._dense_experts():
         logp = torch.log_softmax(model(ids).logits.float(), -1)[0, -seq.n_cont:]
