@@ -2,7 +2,8 @@
 
 Everything `hf` does (tokenization, batching, chat templates, data parallelism) is inherited untouched; the
 routers are hooked only inside `_model_call` and `_model_generate`. In `mode=build` the model instead
-teacher-forces the build task's gold answers and writes a memory (see `build.py`).
+teacher-forces the build task's gold answers (or, with `labels=FILE`, pseudo-labels: `labels.py`) and writes a
+memory (see `build.py`).
 
     lm_eval --model hf-knnmoe --model_args pretrained=M,memory=memories/X --tasks medmcqa
     lm_eval --model hf-knnmoe --model_args pretrained=M,mode=build,memory=memories/X --tasks knnmoe_medmcqa_ref
@@ -25,6 +26,7 @@ from .build import MemoryBuilder, tokenize_request
 from .errors import KnnMoeError
 from .families import find_routers
 from .hooks import hooked_routers
+from .labels import labelled_continuation, read_labels
 from .memory import load_memory, model_signature
 from .options import split_model_args
 from .retrieval import Retriever
@@ -93,10 +95,14 @@ class KnnMoeLM(HFLM):
                 f"task(s) {multi} emit several answer choices per document; a build task must teacher-force only the "
                 "gold answer (use a knnmoe_*_ref task, or see README 'Turning a task into a build task')"
             )
+        # pseudo-labels (labels.py): every request's gold continuation is replaced by its label's, never mixed
+        labels = read_labels(self.knn.labels) if self.knn.labels else None
         sequences = {}
         for rid, req in zip(rids, requests):
             if rid not in sequences:  # lm-eval pads short ranks with duplicates of their last request
                 context, continuation = req.args
+                if labels is not None:
+                    continuation = labelled_continuation(labels, rid[0], rid[1], context, self.knn.labels)
                 if context:
                     ctx, cont = self._encode_pair(context, continuation)
                 else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -41,6 +42,7 @@ class KnnMoeOptions:
     optimizer: str = _help("sgd (the paper's plain steps) | adam (beyond the paper; for steps > 1)", default="sgd")
     positions: str = _help("answer: positions whose next token is in the gold continuation | all: every scored-context position too", default="answer")
     shard_tokens: int = _help("build: flush a shard to disk every this many stored positions (resume granularity)", default=50_000)
+    labels: str | None = _help("build: teacher-force the answers of this labels file (python -m knnmoe_eval.labels) instead of gold", default=None)
 
     def __post_init__(self):
         def bad(name, why):
@@ -72,11 +74,18 @@ class KnnMoeOptions:
             bad("positions", "choose answer or all")
         if not (isinstance(self.shard_tokens, int) and self.shard_tokens >= 1):
             bad("shard_tokens", "must be an integer >= 1")
+        if self.labels is not None and self.mode != "build":
+            bad("labels", "labels are read by mode=build only; drop labels= to evaluate with a memory")
+        if self.labels is not None and not os.path.isfile(self.labels):
+            bad("labels", "no such file; write one with python -m knnmoe_eval.labels")
 
     @property
     def build_settings(self) -> dict:
-        """What a built memory records about how it was built."""
-        return {n: getattr(self, n) for n in ("eta", "steps", "grad", "optimizer", "positions")}
+        """What a built memory records about how it was built (labels: null = gold answers)."""
+        from .labels import describe
+
+        settings = {n: getattr(self, n) for n in ("eta", "steps", "grad", "optimizer", "positions")}
+        return {**settings, "labels": None if self.labels is None else describe(self.labels)}
 
 
 OPTION_NAMES = tuple(f.name for f in fields(KnnMoeOptions))
@@ -84,7 +93,7 @@ OPTION_NAMES = tuple(f.name for f in fields(KnnMoeOptions))
 
 def _coerce(name: str, value: Any) -> Any:
     """lm-eval parses model_args itself ("1" -> 1, "True" -> True); finish the job for our fields."""
-    if name in ("sigma", "max_distance", "diagnostics", "memory") and value in (None, "auto", "none", "None", ""):
+    if name in ("sigma", "max_distance", "diagnostics", "memory", "labels") and value in (None, "auto", "none", "None", ""):
         return None
     if name in ("k", "steps", "nprobe", "shard_tokens"):
         if isinstance(value, float) and value.is_integer():
@@ -98,7 +107,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise KnnMoeError(f"model_arg {name}={value!r} is not a number") from None
     if name == "verify" and isinstance(value, str):
         return value.lower() not in ("false", "0", "no")
-    return str(value) if name in ("memory", "diagnostics", "index") else value
+    return str(value) if name in ("memory", "diagnostics", "index", "labels") else value
 
 
 def split_model_args(kwargs: dict, passthrough: set[str]) -> tuple[KnnMoeOptions, dict]:
