@@ -117,7 +117,12 @@ def build_index(keys: torch.Tensor, factory: str = EXACT, nprobe: int = 32, norm
     idx = faiss.index_factory(d, factory, faiss.METRIC_L2)
     if not idx.is_trained:
         ivf = faiss.try_extract_index_ivf(idx)
-        idx.train(_train_sample(keys, ivf.nlist if ivf is not None else 1, normalize))
+        try:
+            idx.train(_train_sample(keys, ivf.nlist if ivf is not None else 1, normalize))
+        except RuntimeError as e:  # faiss asserts, e.g. fewer training points than PQ centroids
+            why = str(e).splitlines()[0].rpartition("failed: ")[2]
+            raise KnnMoeError(f"cannot train the {factory} index on {n} keys per layer ({why}); "
+                              "memories this small need index=exact") from None
         _drop_pca_training_state(idx)
     for start in range(0, n, _CHUNK):
         idx.add(_float32(keys[start : start + _CHUNK], normalize))
