@@ -1,0 +1,248 @@
+"""The paper's ablations (§6 and appendix), each one `Runner` call writing ablations/<name>.{md,json,png}.
+
+n: reference-set size N (N = 0 is zero-shot) · k: neighbours, with the top-1 neighbour's share of the similarity
+mass · steps: gradient steps T · similarity: rbf, rbf on L2-normed vectors, cosine · ppl: gain per zero-shot
+perplexity bucket, and Selective · cost: build time of kNN-MoE against LoRA and router-only SFT, and evaluation
+time · latency: evaluation time and peak memory against N for the exact and IVFPQ indexes · unlabelled: memories
+built from self- or judge-labelled references against gold labels (beyond the paper).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import KnnMoeError
+from .stats import BUCKETS, perplexity_buckets
+
+ABLATIONS = ("n", "k", "steps", "similarity", "ppl", "cost", "latency", "unlabelled")
+N_VALUES = (0, 10, 25, 50, 100, 200)
+K_VALUES = (1, 2, 4, 8)
+STEP_VALUES = (1, 2, 4)
+SIMILARITIES = ("rbf", "rbf_l2", "cosine")
+
+
+def run(runner, name: str) -> str:
+    """Run one ablation, write its files and return its markdown table."""
+    if name not in ABLATIONS:
+        raise KnnMoeError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
+    from .experiments import BENCHMARKS, write_json
+
+    benches = [BENCHMARKS[b] for b in runner.s.benchmarks]
+    rows, x, y, kind = globals()[f"_{name}"](runner, benches)
+    out = runner.out / "ablations"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", {"ablation": name, "rows": rows})
+    markdown = f"### Ablation: {name}\n\n" + _markdown(rows)
+    (out / f"{name}.md").write_text(markdown)
+    _plot(rows, x, y, kind, f"{name} ({runner.pretrained.rstrip('/').split('/')[-1]})", out / f"{name}.png")
+    return markdown
+
+
+def _accuracy_row(records: dict) -> dict:
+    """Per-benchmark accuracy and Avg. over all test items together."""
+    row = {b: float(np.mean(r["scores"])) for b, r in records.items()}
+    row["Avg."] = float(np.mean(np.concatenate([r["scores"] for r in records.values()])))
+    return row
+
+
+def _sweep(runner, benches, label: str, values, knn_kwargs) -> list[dict]:
+    rows = []
+    for v in values:
+        records = {b.name: runner.knn(b, f"ablate-{label}/{v}", **knn_kwargs(v)) for b in benches}
+        rows.append({label: v, **_accuracy_row(records), **_top1(records)})
+    return rows
+
+
+def _top1(records: dict) -> dict:
+    shares = [d["top1_share"] for r in records.values() for d in (r.get("diagnostics") or {}).values()
+              if d.get("top1_share") is not None]
+    return {"top-1 share": float(np.mean(shares))} if shares else {}
+
+
+def _n(runner, benches):
+    return _sweep(runner, benches, "N", N_VALUES, lambda n: {"n": n}), "N", "Avg.", "line"
+
+
+def _k(runner, benches):
+    return _sweep(runner, benches, "k", K_VALUES, lambda k: {"k": k}), "k", "Avg.", "line"
+
+
+def _steps(runner, benches):
+    return _sweep(runner, benches, "T", STEP_VALUES, lambda t: {"build": {"steps": t}}), "T", "Avg.", "line"
+
+
+def _similarity(runner, benches):
+    return _sweep(runner, benches, "similarity", SIMILARITIES, lambda s: {"similarity": s}), "similarity", "Avg.", "bar"
+
+
+def _ppl(runner, benches):
+    """Accuracy gain of kNN-MoE over zero-shot inside each third of the test items by zero-shot perplexity."""
+    columns = {"Zero-shot": [], "kNN-MoE": [], "kNN-MoE (Selective)": [], "kNN-MoE (grad=dense)": [], "bucket": []}
+    for b in benches:
+        columns["Zero-shot"].append(runner.zero_shot(b)["scores"])
+        columns["kNN-MoE"].append(runner.knn(b)["scores"])
+        columns["kNN-MoE (Selective)"].append(runner.selective(b)["scores"])
+        columns["kNN-MoE (grad=dense)"].append(runner.knn(b, "knn-dense", build={"grad": "dense"})["scores"])
+        columns["bucket"].append(perplexity_buckets(runner.perplexity(b)))  # bucketed within each benchmark
+    cat = {k: np.concatenate(v) for k, v in columns.items()}
+    rows = []
+    for bucket in BUCKETS:
+        m = cat["bucket"] == bucket
+        zero = cat["Zero-shot"][m].mean()
+        rows.append({"PPL bucket": bucket, "items": int(m.sum()), "Zero-shot": float(zero),
+                     **{f"Δ {k}": float(cat[k][m].mean() - zero) for k in columns if k not in ("Zero-shot", "bucket")}})
+    return rows, "PPL bucket", "Δ kNN-MoE", "bar"
+
+
+def _cost(runner, benches):
+    """Build (or training) wall time and test-set evaluation wall time per method, summed over benchmarks."""
+    rows = []
+    for label, build, evaluate in (
+        ("kNN-MoE", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b)),
+        ("kNN-MoE (IVFPQ)", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b, "knn-ivfpq", index="ivfpq")),
+        ("kNN-MoE (grad=dense)", lambda b: _build_s(runner.memory(b, grad="dense")),
+         lambda b: runner.knn(b, "knn-dense", build={"grad": "dense"})),
+        ("LoRA SFT", lambda b: _train_s(runner.adapter(b, "lora")), None),
+        ("Router-only SFT", lambda b: _train_s(runner.adapter(b, "router")), None),
+        ("Zero-shot", lambda b: 0.0, lambda b: runner.zero_shot(b)),
+    ):
+        builds = [build(b) for b in benches]
+        try:
+            evals = [evaluate(b)["wall_s"] for b in benches] if evaluate else []
+        except KnnMoeError:  # IVFPQ on a memory too small to train: the table run says why
+            evals = []
+        rows.append({"method": label, "build s": None if None in builds else float(sum(builds)),
+                     "eval s": float(sum(evals)) if evals else None})
+    return rows, "method", "build s", "bar"
+
+
+def _build_s(memory: Path) -> float | None:
+    timing = memory.parent / f"{memory.name}.build.json"
+    return json.loads(timing.read_text())["wall_s"] if timing.exists() else None
+
+
+def _train_s(adapter: Path) -> float:
+    return float(json.loads((adapter / "train.json").read_text())["wall_time_s"])
+
+
+def _latency(runner, benches):
+    """Evaluation time and peak memory against N, exact and IVFPQ, timed afresh in this run (never cached)."""
+    rows = []
+    zero_s, zero_mem = _timed(runner, benches, lambda b: runner.base)
+    rows.append({"N": 0, "index": "none (zero-shot)", "eval s": zero_s, "× zero-shot": 1.0, "peak MiB": zero_mem})
+    for n in [v for v in N_VALUES if v > 0]:
+        for index in ("exact", "ivfpq"):
+            memories = {b.name: runner.memory(b, n=n) for b in benches}
+            row = {"N": n, "index": index, "keys/layer": _keys(memories)}
+            try:
+                s, mem = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.s.k, index=index))
+                rows.append({**row, "eval s": s, "× zero-shot": s / zero_s, "peak MiB": mem})
+            except KnnMoeError as e:  # e.g. IVFPQ on a memory too small to train
+                rows.append({**row, "eval s": None, "× zero-shot": None, "peak MiB": None, "note": str(e)})
+    return rows, "N", "× zero-shot", "latency"
+
+
+def _keys(memories: dict) -> int:
+    return sum(next(iter(json.loads((m / "manifest.json").read_text())["layers"].values()))["num_keys"]
+               for m in memories.values())
+
+
+def _timed(runner, benches, make_lm) -> tuple[float, float | None]:
+    """Wall seconds of evaluating every benchmark's test task, and the peak memory of the process while doing it
+    (CUDA: peak allocated; CPU on Linux: peak resident set, reset before the run)."""
+    import torch
+
+    cuda = torch.cuda.is_available() and str(runner.base.device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    elif Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+    start = time.perf_counter()
+    for b in benches:
+        runner._evaluate(make_lm(b), b.test_task(runner.s.scoring), runner.s.limit)
+    wall = time.perf_counter() - start
+    if cuda:
+        return wall, torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    peak = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    return wall, int(peak.group(1)) / 1024 if peak else None
+
+
+def _unlabelled(runner, benches):
+    """Memories from references labelled by the model itself (and by a judge) instead of gold answers."""
+    from .labels import make_labels
+
+    rows = []
+    labellers = {"gold": None, "self": lambda b: runner.base}
+    if runner.s.judge:
+        labellers["judge"] = runner.judge_lm
+    for name, labeller in labellers.items():
+        records, agreement = {}, []
+        for b in benches:
+            if b.ref_mc is None:
+                raise KnnMoeError(f"benchmark {b.name} has no multiple-choice reference task to label")
+            build = {}
+            if labeller is not None:
+                path = runner.out / "labels" / f"{b.name}-{name}-n{runner.s.ref_limit or 'all'}.jsonl"
+                if not path.exists():
+                    make_labels(labeller(b), None, [b.ref_mc], path, limit=runner.s.ref_limit,
+                                labeller=runner.s.judge if name == "judge" else "self",
+                                task_manager=runner.task_manager)
+                lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                agreement.append(np.mean([line["gold_agrees"] for line in lines]))
+                build = {"labels": str(path)}
+            records[b.name] = runner.knn(b, f"ablate-labels/{name}", build=build)
+        rows.append({"labels": name, "agree with gold": float(np.mean(agreement)) if agreement else 1.0,
+                     **_accuracy_row(records)})
+    zero = _accuracy_row({b.name: runner.zero_shot(b) for b in benches})
+    rows.insert(0, {"labels": "none (zero-shot)", "agree with gold": None, **zero})
+    return rows, "labels", "Avg.", "bar"
+
+
+def _markdown(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+
+    def fmt(v):
+        if v is None:
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict], x: str, y: str, kind: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if kind == "line":
+        ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
+        ax.set_xscale("symlog" if x == "N" else "linear")
+        ax.set_xticks([r[x] for r in rows], [str(r[x]) for r in rows])
+    elif kind == "latency":
+        for index in ("exact", "ivfpq"):
+            pts = [r for r in rows if r["index"] == index and r[y] is not None]
+            ax.plot([r["N"] for r in pts], [r[y] for r in pts], marker="o", label=index)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.legend()
+    else:
+        labels = [str(r[x]) for r in rows]
+        ax.bar(labels, [r[y] or 0.0 for r in rows])
+        ax.tick_params(axis="x", labelrotation=20)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
