@@ -90,6 +90,7 @@ class Settings:
     k: int = 1
     steps: int = 1
     sft_epochs: int = 3
+    sft_batch_size: int = 8
     lora_lr: float | None = None  # None: sft.DEFAULT_LR
     router_lr: float | None = None
     selective_fraction: float = 1 / 3
@@ -168,7 +169,7 @@ class Runner:
         import lm_eval
 
         return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=self.task_manager, limit=limit,
-                                       log_samples=True, gen_kwargs=self.s.gen_kwargs,
+                                       log_samples=True, gen_kwargs=self.s.gen_kwargs, bootstrap_iters=0,
                                        confirm_run_unsafe_code=self.s.allow_code_execution,
                                        random_seed=self.s.seed, numpy_random_seed=self.s.seed,
                                        torch_random_seed=self.s.seed, fewshot_random_seed=self.s.seed)
@@ -181,20 +182,23 @@ class Runner:
                         [f"{k}{Path(str(v)).stem if k == 'labels' else v}" for k, v in sorted(build.items())])
         path = self.out / "memories" / name
         if not (path / "manifest.json").exists():
-            start = time.perf_counter()
-            self._evaluate(self.knn_lm(path, mode="build", **build), bench.ref, limit=n)
+            lm = self.knn_lm(path, mode="build", **build)
+            self._evaluate(lm, bench.ref, limit=n)
             write_json(self.out / "memories" / f"{name}.build.json",
-                              {"wall_s": time.perf_counter() - start, "references": n, **build})
+                       {"wall_s": lm.build_wall_s, "references": n, **build})
         return path
 
     def adapter(self, bench: Benchmark, method: str) -> Path:
         """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`)."""
         from .sft import train_sft
 
-        path = self.out / "adapters" / f"{bench.name}-{method}-n{self.s.ref_limit or 'all'}"
+        lr = self.s.lora_lr if method == "lora" else self.s.router_lr
+        path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.s.ref_limit or 'all'}-lr{lr or 'default'}"
+                                        f"-e{self.s.sft_epochs}-b{self.s.sft_batch_size}-s{self.s.seed}")
         train_sft(self.pretrained, [bench.ref], path, method, include_path=self.s.include_path,
                   metadata=self.metadata, limit=self.s.ref_limit, seed=self.s.seed, epochs=self.s.sft_epochs,
-                  lr=self.s.lora_lr if method == "lora" else self.s.router_lr, batch_size=self.s.batch_size, device=self.s.device, progress=True)
+                  lr=lr, batch_size=self.s.sft_batch_size,
+                  device=self.s.device, dtype="float32" if self.s.dtype == "auto" else self.s.dtype, progress=True)
         return path
 
     def scores(self, run: str, bench: Benchmark, make_lm, task: str | None = None, config: dict | None = None) -> dict:
@@ -370,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--sft_epochs", type=int)
+    parser.add_argument("--sft_batch_size", type=int)
     parser.add_argument("--lora_lr", type=float, help="LoRA SFT learning rate (toy: 3e-3)")
     parser.add_argument("--router_lr", type=float, help="router-only SFT learning rate (toy: 3e-2)")
     parser.add_argument("--bootstrap", type=int)
