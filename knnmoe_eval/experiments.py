@@ -204,7 +204,7 @@ class Runner:
     def scores(self, run: str, bench: Benchmark, make_lm, task: str | None = None, config: dict | None = None) -> dict:
         """Per-item scores of one method on one benchmark's test task, cached as JSON under runs/<run>/."""
         task = task or bench.test_task(self.s.scoring)
-        config = {"task": task, "limit": self.s.limit, **(config or {})}
+        config = {"task": task, "limit": self.s.limit, "gen_kwargs": self.s.gen_kwargs, **(config or {})}
         path = self.out / "runs" / run / f"{bench.name}.json"
         if path.exists():
             cached = json.loads(path.read_text())
