@@ -20,7 +20,9 @@ backward treats the layer as the dense softmax mixture of all experts (straight-
 costs E/k times the expert compute during the build.
 
 Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
-the memory itself (`memory.write_memory`) is written last, manifest last of all.
+the memory itself is written last, manifest last of all. Finalizing merges one layer at a time, streaming each
+request's rows from the memory-mapped shards into the layer's file (`memory.write_memory_streamed`), so neither
+the build nor the merge ever holds more than one shard's worth of keys.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 from .errors import KnnMoeError
 from .families import RouterSite
 from .hooks import hooked_routers
-from .memory import MANIFEST, save_tensors_atomic, write_json_atomic, write_memory
+from .memory import MANIFEST, ROWS, save_tensors_atomic, write_json_atomic, write_memory_streamed
 from .options import KnnMoeOptions
 
 log = logging.getLogger(__name__)
@@ -149,19 +151,17 @@ class MemoryBuilder:
         return sorted(self.shard_dir.glob("shard_*.safetensors")) if self.shard_dir.exists() else []
 
     @staticmethod
-    def _read_shard(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-        from safetensors import safe_open
-
+    def _read_meta(path: Path) -> dict:
+        """A shard's requests, their loglikelihoods and row counts (its header only: no tensor is read)."""
         with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["build"])
-        return meta, load_file(str(path))
+            return json.loads(f.metadata()["build"])
 
     def _flush(self, shard: _Shard, seq_no: int) -> None:
         if not shard.rids:
             return
         tensors = {}
         for layer in shard.keys:
-            tensors[f"keys.{layer}"] = torch.cat(shard.keys[layer]).to(torch.float16)
+            tensors[f"keys.{layer}"] = torch.cat(shard.keys[layer])
             tensors[f"values.{layer}"] = torch.cat(shard.values[layer])
         meta = {"rids": shard.rids, "loglik": shard.loglik, "counts": shard.counts}
         save_tensors_atomic(self.shard_dir / f"shard_{self.rank:03d}_{seq_no:06d}.safetensors", tensors,
@@ -228,7 +228,8 @@ class MemoryBuilder:
         for site in self.sites:
             layer = site.layer
             z_star = self.transform.stock_logits[layer] + self.transform.deltas[layer].detach()  # (b*T, E)
-            shard.keys.setdefault(layer, []).append(self.transform.keys[layer][flat_kept].float().cpu())
+            # fp16 as stored: half the shard's RAM, and the same numbers (any float -> fp16 rounds once)
+            shard.keys.setdefault(layer, []).append(self.transform.keys[layer][flat_kept].to(torch.float16).cpu())
             shard.values.setdefault(layer, []).append(z_star[flat_kept].cpu())
         for i, s in enumerate(batch):
             shard.rids.append(s.rid)
@@ -249,7 +250,7 @@ class MemoryBuilder:
         results: dict[RequestId, tuple[float, bool]] = {}
         mine = [p for p in self._finished_shards() if p.name.startswith(f"shard_{self.rank:03d}_")]
         for path in mine:
-            meta, _ = self._read_shard(path)
+            meta = self._read_meta(path)
             results.update({tuple(r): tuple(ll) for r, ll in zip(meta["rids"], meta["loglik"])})
         todo = [s for s in sequences if s.rid not in results]
         if results:
@@ -276,31 +277,43 @@ class MemoryBuilder:
 
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
-        entries: dict[RequestId, tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]] = {}
+        where: dict[RequestId, tuple[Path, int, int]] = {}  # request -> (shard, first row, rows)
         for path in self._finished_shards():
-            meta, tensors = self._read_shard(path)
+            meta = self._read_meta(path)
             offset = 0
             for rid, count in zip(meta["rids"], meta["counts"]):
-                rid = tuple(rid)
-                if rid not in entries:
-                    sl = slice(offset, offset + count)
-                    entries[rid] = (
-                        {s.layer: tensors[f"keys.{s.layer}"][sl] for s in self.sites},
-                        {s.layer: tensors[f"values.{s.layer}"][sl] for s in self.sites},
-                    )
+                where.setdefault(tuple(rid), (path, offset, count))  # the first copy wins, as shards are named
                 offset += count
-        order = sorted(entries)
-        keys = {s.layer: torch.cat([entries[r][0][s.layer] for r in order]) for s in self.sites}
-        values = {s.layer: torch.cat([entries[r][1][s.layer] for r in order]) for s in self.sites}
-        settings = {**self.opts.build_settings, "requests": len(order),
-                    "tasks": sorted({r[0] for r in order})}
-        write_memory(self.out, keys, values, self.signature, build=settings)
+        order = sorted(where)
+        n = sum(where[r][2] for r in order)
+        settings = {**self.opts.build_settings, "requests": len(order), "tasks": sorted({r[0] for r in order})}
+        with ExitStack() as stack:
+            shards: dict[Path, object] = {}
+
+            def rows(layer: int):
+                """The layer's rows in request order, read from the mapped shards and handed on in ~ROWS chunks."""
+                keys, values, held = [], [], 0
+                for rid in order:
+                    path, start, count = where[rid]
+                    if path not in shards:
+                        shards[path] = stack.enter_context(safe_open(str(path), "pt"))
+                    f = shards[path]
+                    keys.append(f.get_slice(f"keys.{layer}")[start : start + count])
+                    values.append(f.get_slice(f"values.{layer}")[start : start + count])
+                    held += count
+                    if held >= ROWS:
+                        yield torch.cat(keys), torch.cat(values)
+                        keys, values, held = [], [], 0
+                if keys:
+                    yield torch.cat(keys), torch.cat(values)
+
+            write_memory_streamed(self.out, {s.layer: (n, rows(s.layer)) for s in self.sites}, self.signature,
+                                  build=settings)
         for path in self._finished_shards():
             path.unlink()
         self.shard_dir.rmdir()
         (self.out / BUILD_STATE).unlink()
-        log.info("kNN-MoE memory written to %s: %d requests, %d keys per layer", self.out, len(order),
-                 keys[self.sites[0].layer].shape[0])
+        log.info("kNN-MoE memory written to %s: %d requests, %d keys per layer", self.out, len(order), n)
         return self.out
 
 

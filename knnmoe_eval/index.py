@@ -19,7 +19,10 @@ mismatch is refused. A faiss index file is plain data (faiss has no code-carryin
 cannot run code.
 
 Training runs on a seeded sample and keys are converted and added in chunks, so a layer never needs a float32
-copy of all its keys. GPU residency (faiss-gpu) is optional and imported only when a layer lives on CUDA.
+copy of all its keys; with the memory's memory-mapped keys, an approximate index is built without the layer's
+keys ever being resident. Exact search is the exception by nature: its index is a copy of every key, so a memory
+whose exact indexes would not fit in the available RAM is refused at setup. GPU residency (faiss-gpu) is
+optional and imported only when a layer lives on CUDA.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def set_search_params(idx, nprobe: int) -> None:
         ivf.nprobe = min(nprobe, ivf.nlist)
 
 
-def build_index(keys: torch.Tensor, factory: str = EXACT, nprobe: int = 32, normalize: bool = False):
+def build_index(keys: torch.Tensor, factory: str = EXACT, nprobe: int = 8, normalize: bool = False):
     """A faiss L2 index over `keys` (n, d), any float dtype; trained on a sample, filled in chunks."""
     import faiss
 
@@ -152,6 +155,28 @@ def index_bytes(idx) -> int:
     import faiss
 
     return int(faiss.serialize_index(idx).nbytes)
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel says can be had without swapping (Linux MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_exact_fits(memory: str, exact_bytes: int) -> None:
+    """Refuse exact indexes whose fp16 key copies (`exact_bytes` over all layers) exceed the available RAM."""
+    available = available_ram()
+    if available is not None and exact_bytes > available:
+        raise KnnMoeError(
+            f"index=exact keeps every layer's fp16 keys in RAM ({exact_bytes / 2**30:.1f} GiB for memory {memory}) "
+            f"but only {available / 2**30:.1f} GiB is available. Use index=ivfpq or index=hnsw: they train on a "
+            "sample, add keys in chunks and read the re-ranked rows from the memory-mapped keys."
+        )
 
 
 # -- trained indexes saved next to the memory -------------------------------------------------------------

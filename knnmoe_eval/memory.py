@@ -9,6 +9,12 @@ The manifest describes everything a reader needs (shapes and dtypes, the model i
 fingerprint of every router's weights, build settings, sigma statistics, a sha256 per file), so readers never
 infer anything from file names and a memory from another model, a truncated file or a half-finished build is
 refused before the first forward. Only safetensors and JSON are read: loading a memory cannot run code.
+
+Memories may be larger than RAM. Layer files are written by streaming row chunks after a precomputed header
+(`write_memory_streamed`; the bytes are those `safetensors.save_file` would write), and `load_memory` returns
+memory-mapped tensors (safetensors maps the file; pages are read when touched), so one layer's keys never need to
+be resident at once: the checks, the sigma statistics, index training (on a sample) and filling (in chunks) all
+walk the keys chunk by chunk.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +38,8 @@ FORMAT = "knnmoe-memory"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _SIGMA_SAMPLE = 2048  # queries used to estimate the mean nearest-neighbour distance
+ROWS = 16_384  # rows per chunk when walking a layer: 64 MB of fp16 keys at d = 2048
+_NN_ROWS = 4096  # keys per chunk of the nearest-neighbour statistics: 32 MB as float32 at d = 2048
 
 
 def sha256_file(path: Path) -> str:
@@ -79,28 +87,53 @@ def model_signature(model: torch.nn.Module, sites: Sequence[RouterSite]) -> dict
     }
 
 
-def mean_nn_sq_dist(keys: np.ndarray, seed: int = 0) -> float | None:
-    """Mean squared distance from a key to its nearest other key (sampled queries); None below two keys."""
-    import faiss
-
-    n = keys.shape[0]
-    if n < 2:
-        return None
-    index = faiss.IndexFlatL2(keys.shape[1])
-    index.add(keys)
-    rows = np.random.default_rng(seed).choice(n, size=min(n, _SIGMA_SAMPLE), replace=False)
-    dist, ids = index.search(keys[rows], 2)
-    other = np.where(ids[:, 0] == rows, dist[:, 1], dist[:, 0])  # an exact duplicate may come before self
-    return float(other.mean())
-
-
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
+    """Mean squared distance from a key to its nearest other key, raw and between L2-normalised keys (sampled
+    queries, exact search); None below two keys.
+
+    One pass over the keys in chunks: both distances come from the same dot products,
+    ||q - x||^2 = |q|^2 + |x|^2 - 2 q.x and ||q/|q| - x/|x|||^2 = 2 - 2 q.x / (|q| |x|).
+    """
+    n = keys.shape[0]
+    if n < 2:
+        return None, None
+    rows = torch.from_numpy(np.random.default_rng(seed).choice(n, size=min(n, _SIGMA_SAMPLE), replace=False))
+    q = keys[rows].float()  # (s, d)
+    q_sq = q.pow(2).sum(-1, keepdim=True)  # (s, 1)
+    q_norm = q_sq.sqrt().clamp_min(1e-12)
+    best = {"raw": [], "l2": []}  # per chunk: (s, 2) two smallest distances, (s, 2) their ids
+    for start in range(0, n, _NN_ROWS):
+        x = keys[start : start + _NN_ROWS].float()  # (c, d)
+        x_sq = x.pow(2).sum(-1)  # (c,)
+        dots = q @ x.T  # (s, c)
+        raw = (q_sq + x_sq - 2 * dots).clamp_min(0)
+        l2 = (2 - 2 * dots / (q_norm * x_sq.sqrt().clamp_min(1e-12))).clamp_min(0)
+        for name, dist in (("raw", raw), ("l2", l2)):
+            d2, ids = dist.topk(min(2, dist.shape[1]), dim=1, largest=False)
+            best[name].append((d2, ids + start))
+    out = []
+    for name in ("raw", "l2"):
+        d2, ids = torch.cat([d for d, _ in best[name]], 1), torch.cat([i for _, i in best[name]], 1)
+        d2, order = d2.topk(2, dim=1, largest=False)
+        ids = ids.gather(1, order)
+        # the query itself is among the keys; an exact duplicate may come before it
+        other = torch.where(ids[:, 0] == rows, d2[:, 1], d2[:, 0])
+        out.append(float(other.double().mean()))
+    return out[0], out[1]
+
+
 def layer_stats(keys_fp16: torch.Tensor) -> dict:
-    keys = keys_fp16.float().numpy()
-    return {"mean_nn_sq_dist": mean_nn_sq_dist(keys), "mean_nn_sq_dist_l2": mean_nn_sq_dist(l2_normalize(keys))}
+    raw, l2 = mean_nn_sq_dists(keys_fp16)
+    return {"mean_nn_sq_dist": raw, "mean_nn_sq_dist_l2": l2}
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """isfinite over row chunks: a whole-tensor check would allocate a bool copy as large as a quarter of it."""
+    return all(bool(torch.isfinite(c).all()) for c in x.split(ROWS)) if len(x) else True
 
 
 @dataclass(frozen=True)
@@ -141,48 +174,97 @@ class Memory:
             )
 
 
-def write_memory(
+LayerRows = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (keys (m, d), values (m, E)) chunks, in memory order
+
+
+def _header(n: int, d: int, n_exp: int) -> bytes:
+    """The safetensors header `save_file({"keys", "values"})` writes: tensors ordered by dtype size (fp32 values
+    first, then fp16 keys), compact JSON, space-padded to 8 bytes. Computing it up front lets the rows stream in."""
+    values_end = n * n_exp * 4
+    header = {"values": {"dtype": "F32", "shape": [n, n_exp], "data_offsets": [0, values_end]},
+              "keys": {"dtype": "F16", "shape": [n, d], "data_offsets": [values_end, values_end + n * d * 2]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _checked_chunk(layer: int, keys: torch.Tensor, values: torch.Tensor, d: int, n_exp: int):
+    if keys.ndim != 2 or keys.shape[1] != d or values.shape != (keys.shape[0], n_exp):
+        raise KnnMoeError(
+            f"layer {layer}: keys must be (n, {d}) and values (n, {n_exp}); got {tuple(keys.shape)}, {tuple(values.shape)}"
+        )
+    if not (all_finite(keys) and all_finite(values)):
+        raise KnnMoeError(f"layer {layer}: keys or values contain NaN or inf; the memory was not written")
+    k16 = keys.detach().to("cpu", torch.float16).contiguous()
+    if not all_finite(k16):
+        raise KnnMoeError(f"layer {layer}: keys overflow fp16 (|x| > 65504); the memory was not written")
+    return k16, values.detach().to("cpu", torch.float32).contiguous()
+
+
+def write_layer_file(path: Path, layer: int, n: int, d: int, n_exp: int, rows: LayerRows) -> str:
+    """Stream `n` rows of one layer into a safetensors file (temporary name, renamed when complete); its sha256.
+
+    Keys and values go through two handles on one file, each writing its region sequentially, so chunks of any
+    size stream through without ever holding the layer."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    header = _header(n, d, n_exp)
+    written = 0
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + n * n_exp * 4 + n * d * 2)
+        with open(tmp, "r+b", buffering=1 << 22) as fv, open(tmp, "r+b", buffering=1 << 22) as fk:
+            fv.seek(len(header))
+            fk.seek(len(header) + n * n_exp * 4)
+            for keys, values in rows:
+                k16, v32 = _checked_chunk(layer, keys, values, d, n_exp)
+                if written + len(k16) > n:
+                    raise KnnMoeError(f"layer {layer}: more rows than the {n} announced; the memory was not written")
+                fk.write(k16.numpy().data)
+                fv.write(v32.numpy().data)
+                written += len(k16)
+        if written != n:
+            raise KnnMoeError(f"layer {layer}: {written} rows written but {n} announced; the memory was not written")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return sha256_file(path)
+
+
+def write_memory_streamed(
     out_dir: str | Path,
-    keys: Mapping[int, torch.Tensor],
-    values: Mapping[int, torch.Tensor],
+    rows: Mapping[int, tuple[int, LayerRows]],
     signature: dict,
     build: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a complete memory from per-layer tensors: keys (n, d), values (n, E), for every MoE layer."""
+    """Write a complete memory layer by layer from row chunks: rows[layer] = (n, iterable of (keys, values)).
+
+    Iterables are consumed one layer at a time (pass generators to read each layer's rows only when it is
+    written). The sigma statistics are then computed from the written, memory-mapped file.
+    """
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
         raise KnnMoeError(f"{out} already holds a memory; choose another directory or pass overwrite=True")
     layers = signature["moe_layers"]
-    if sorted(keys) != sorted(layers) or sorted(values) != sorted(layers):
-        raise KnnMoeError(f"a memory needs keys and values for every MoE layer {layers}; got {sorted(keys)}")
+    if sorted(rows) != sorted(layers):
+        raise KnnMoeError(f"a memory needs keys and values for every MoE layer {layers}; got {sorted(rows)}")
     d, n_exp = signature["hidden_size"], signature["num_experts"]
-    for layer in layers:
-        k, v = keys[layer], values[layer]
-        if k.ndim != 2 or k.shape[1] != d or v.shape != (k.shape[0], n_exp):
-            raise KnnMoeError(
-                f"layer {layer}: keys must be (n, {d}) and values (n, {n_exp}); got {tuple(k.shape)}, {tuple(v.shape)}"
-            )
-        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise KnnMoeError(f"layer {layer}: keys or values contain NaN or inf; nothing was written")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # from here until the end the directory reads as incomplete
     entries = {}
     for layer in layers:
-        k16 = keys[layer].detach().to("cpu", torch.float16)
-        if not torch.isfinite(k16).all():
-            raise KnnMoeError(f"layer {layer}: keys overflow fp16 (|x| > 65504); nothing usable was written")
+        n, chunks = rows[layer]
         name = f"layer_{layer:03d}.safetensors"
-        digest = save_tensors_atomic(
-            out / name, {"keys": k16, "values": values[layer].detach().to("cpu", torch.float32)}
-        )
+        digest = write_layer_file(out / name, layer, n, d, n_exp, chunks)
         entries[str(layer)] = {
             "file": name,
-            "num_keys": int(k16.shape[0]),
+            "num_keys": int(n),
             "keys_dtype": "float16",
             "values_dtype": "float32",
             "sha256": digest,
-            **layer_stats(k16),
+            **layer_stats(load_file(str(out / name))["keys"]),
         }
     from . import __version__
 
@@ -201,8 +283,35 @@ def write_memory(
     return out
 
 
+def write_memory(
+    out_dir: str | Path,
+    keys: Mapping[int, torch.Tensor],
+    values: Mapping[int, torch.Tensor],
+    signature: dict,
+    build: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete memory from per-layer tensors: keys (n, d), values (n, E), for every MoE layer."""
+    layers = signature["moe_layers"]
+    if sorted(keys) != sorted(layers) or sorted(values) != sorted(layers):
+        raise KnnMoeError(f"a memory needs keys and values for every MoE layer {layers}; got {sorted(keys)}")
+    d, n_exp = signature["hidden_size"], signature["num_experts"]
+    for layer in layers:  # all layers checked before any file is touched
+        _checked_chunk(layer, keys[layer], values[layer], d, n_exp)
+
+    def chunks(layer: int) -> LayerRows:
+        for start in range(0, keys[layer].shape[0], ROWS):
+            yield keys[layer][start : start + ROWS], values[layer][start : start + ROWS]
+
+    return write_memory_streamed(out_dir, {l: (int(keys[l].shape[0]), chunks(l)) for l in layers}, signature,
+                                 build, overwrite)
+
+
 def load_memory(path: str | Path, verify: bool = True) -> Memory:
-    """Read and validate a memory directory; `verify` checks every file's sha256 against the manifest."""
+    """Read and validate a memory directory; `verify` checks every file's sha256 against the manifest.
+
+    Keys and values are memory-mapped (safetensors maps the file): nothing is resident until it is read.
+    """
     out = Path(path)
     if not out.is_dir():
         raise KnnMoeError(
@@ -243,7 +352,7 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             raise KnnMoeError(f"{file} does not hold keys ({n}, {d}) and values ({n}, {n_exp}) as its manifest says")
         if keys.dtype != torch.float16 or values.dtype != torch.float32:
             raise KnnMoeError(f"{file}: keys must be float16 and values float32, found {keys.dtype}, {values.dtype}")
-        if not (torch.isfinite(keys).all() and torch.isfinite(values).all()):
+        if not (all_finite(keys) and all_finite(values)):
             raise KnnMoeError(f"{file} contains NaN or inf in its keys or values; rebuild the memory")
         layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in ("mean_nn_sq_dist", "mean_nn_sq_dist_l2")})
     if sorted(layers) != sorted(manifest["model"]["moe_layers"]):

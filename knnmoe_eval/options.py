@@ -32,7 +32,7 @@ class KnnMoeOptions:
     sigma: float | None = _help("RBF bandwidth; None/auto: 2*sigma^2 = the memory's mean squared NN distance", default=None)
     max_distance: float | None = _help("lambda = 0 for neighbours farther than this (off by default)", default=None)
     index: str = _help("exact (fp16 keys, exact search, as the paper) | ivfpq (PCA d/8, IVF, 8-bit PQ, re-ranked) | hnsw | a faiss factory string", default="exact")
-    nprobe: int = _help("IVF lists searched per query (ivf indexes only)", default=32)
+    nprobe: int = _help("IVF lists searched per query (ivf indexes only; the paper used 32, which found the same neighbours as 8 at about twice the cost, docs/retrieval.md)", default=8)
     verify: bool = _help("check every memory file's sha256 when loading", default=True)
     diagnostics: str | None = _help("also write per-layer lambda / top-k change statistics to this JSON file", default=None)
     # building

@@ -9,7 +9,8 @@ Two kinds of entries cost search time and bytes for nothing:
 * near-duplicate keys: a key within `dedup` x the memory's typical nearest-neighbour distance of a key kept
   before it is dropped (greedily, in memory order); the kept one answers for both.
 
-The pruned copy is an ordinary memory written with `write_memory`; its manifest records what was dropped.
+The pruned copy is an ordinary memory, streamed chunk by chunk from the memory-mapped original
+(`write_memory_streamed`); its manifest records what was dropped.
 
     python -m knnmoe_eval.prune --memory memories/X --pretrained M --out memories/X-pruned --min-change 0.02
 """
@@ -26,7 +27,7 @@ import torch
 
 from .errors import KnnMoeError
 from .families import RouterSite, find_routers
-from .memory import Memory, load_memory, model_signature, write_memory
+from .memory import LayerMemory, Memory, load_memory, model_signature, write_memory_streamed
 
 log = logging.getLogger(__name__)
 _CHUNK = 4096
@@ -75,6 +76,12 @@ def near_duplicates(keys: torch.Tensor, radius: float) -> torch.Tensor:
     return dup
 
 
+def _kept_rows(layer: LayerMemory, keep: torch.Tensor):
+    for start in range(0, len(layer), _CHUNK):
+        rows = keep[start : start + _CHUNK]
+        yield layer.keys[start : start + _CHUNK][rows], layer.values[start : start + _CHUNK][rows]
+
+
 def prune_memory(memory: str | Path | Memory, out_dir: str | Path, model: torch.nn.Module,
                  min_change: float | None = None, dedup: float | None = None) -> tuple[Path, dict]:
     """Write a pruned copy of `memory` to `out_dir`; returns its path and per-layer (before, after) counts."""
@@ -85,7 +92,7 @@ def prune_memory(memory: str | Path | Memory, out_dir: str | Path, model: torch.
     if min_change is None and dedup is None:
         raise KnnMoeError("prune_memory needs min_change=<routing weight change> and/or dedup=<fraction of the NN "
                           "distance>")
-    keys, values, counts = {}, {}, {}
+    rows, counts = {}, {}
     for site in sites:
         layer = mem.layers[site.layer]
         drop = torch.zeros(len(layer), dtype=torch.bool)
@@ -96,11 +103,11 @@ def prune_memory(memory: str | Path | Memory, out_dir: str | Path, model: torch.
             keep_idx = (~drop).nonzero().squeeze(-1)
             dup = near_duplicates(layer.keys[keep_idx], dedup * math.sqrt(nn2))
             drop[keep_idx[dup]] = True
-        keys[site.layer], values[site.layer] = layer.keys[~drop], layer.values[~drop]
+        rows[site.layer] = (int((~drop).sum()), _kept_rows(layer, ~drop))
         counts[str(site.layer)] = (len(layer), int((~drop).sum()))
     build = {**mem.manifest.get("build", {}), "pruned_from": str(mem.path),
              "pruning": {"min_change": min_change, "dedup": dedup, "keys_before_after": counts}}
-    return write_memory(out_dir, keys, values, mem.signature, build=build), counts
+    return write_memory_streamed(out_dir, rows, mem.signature, build=build), counts
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,8 @@
 
 `Retriever` is the hook transform for evaluation (see `hooks.py`): router input h -> k nearest keys -> `mixing`.
 It is built once per model and memory (the memory is validated against the model there, before any forward),
-and keeps per-layer diagnostics: mean lambda and the fraction of tokens whose top-k expert set changed.
+and keeps per-layer diagnostics: mean lambda, the fraction of tokens whose top-k expert set changed, and the
+mean share of the similarity mass taken by the nearest neighbour (over tokens with lambda > 0).
 `attach(model, memory)` is the public entry point for any HF MoE model outside lm-eval.
 """
 
@@ -45,7 +46,8 @@ class _LayerRetrieval:
                                             site.layer, entry.get("sha256"))
         self.index = knn_index.to_device(cpu_index, self.device)
         self.on_device = isinstance(self.index, knn_index.GpuIndex)
-        # approximate indexes re-rank their candidates on the fp16 keys (held by the loaded memory anyway)
+        # approximate indexes re-rank their candidates on the fp16 keys: on the CPU the memory-mapped keys
+        # themselves (only the candidate rows are read), on a GPU a copy
         self.keys = None if knn_index.is_exact(self.factory) else mem.keys.to(self.device)  # (n, d) fp16
         if self.keys is not None:
             self.key_sq = torch.cat([self._unit(c.float()).pow(2).sum(-1) for c in self.keys.split(65_536)])  # (n,)
@@ -89,6 +91,11 @@ class Retriever:
         memory.check_matches(model_signature(model, self.sites))
         self.options = options
         self.layers: dict[int, _LayerRetrieval] = {}
+        layer_keys = [memory.layers[s.layer].keys for s in self.sites]  # (n, d) fp16 each, memory-mapped
+        knn_index.check_exact_fits(str(memory.path), sum(
+            k.numel() * k.element_size() for k in layer_keys
+            if len(k) and knn_index.is_exact(knn_index.factory_string(options.index, k.shape[1], k.shape[0]))
+        ))
         for site in self.sites:
             mem = memory.layers[site.layer]
             if len(mem) == 0:
@@ -118,13 +125,18 @@ class Retriever:
         return stat  # 2 sigma^2 = mean squared nearest-neighbour distance inside the memory
 
     def reset_diagnostics(self) -> None:
-        self._stats = {s.layer: torch.zeros(3, dtype=torch.float64) for s in self.sites}  # sum lambda, changed, n
+        # per layer: sum lambda, tokens whose top-k changed, tokens, sum top-1 share, tokens with lambda > 0
+        self._stats = {s.layer: torch.zeros(5, dtype=torch.float64) for s in self.sites}
 
     def diagnostics(self) -> dict:
+        """Per layer: mean lambda and top-k change over all searched tokens; `top1_share` = mean of
+        s_1 / sum_i s_i (the nearest neighbour's share of the similarity mass) over tokens with lambda > 0,
+        None when there were none. 1.0 means the proposal is the nearest value alone, 1/k an even average."""
         out = {}
-        for layer, (lam, changed, n) in self._stats.items():
+        for layer, (lam, changed, n, top1, confident) in self._stats.items():
             n = max(n.item(), 1.0)
-            out[str(layer)] = {"mean_lambda": lam.item() / n, "topk_changed": changed.item() / n, "tokens": int(n)}
+            out[str(layer)] = {"mean_lambda": lam.item() / n, "topk_changed": changed.item() / n, "tokens": int(n),
+                               "top1_share": top1.item() / confident.item() if confident.item() else None}
         return out
 
     def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -145,7 +157,12 @@ class Retriever:
         _, before = site.gate(z_sub)
         _, after = site.gate(mixed)
         changed = (before.sort(-1).values != after.sort(-1).values).any(-1)
-        self._stats[site.layer] += torch.tensor([lam.sum().item(), changed.sum().item(), lam.numel()], dtype=torch.float64)
+        confident = lam > 0  # (m,) tokens whose proposal was mixed in at all
+        share = sims[confident, 0] / sims[confident].sum(-1)  # neighbours come nearest first: s_1 is the largest
+        self._stats[site.layer] += torch.tensor(
+            [lam.sum().item(), changed.sum().item(), lam.numel(), share.sum().item(), confident.sum().item()],
+            dtype=torch.float64,
+        )
         if rows is None:
             return mixed
         out = z.clone()

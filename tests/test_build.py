@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import signature
 from knnmoe_eval import KnnMoeError, KnnMoeOptions
 from knnmoe_eval.build import MemoryBuilder, OffsetTransform, tokenize_request
 from knnmoe_eval.families import find_routers
 from knnmoe_eval.hooks import hooked_routers
-from knnmoe_eval.memory import load_memory
+from knnmoe_eval.memory import load_memory, sha256_file
 from knnmoe_eval.tiny import make_tiny_model
 
 GEN = torch.Generator().manual_seed(0)
@@ -155,6 +155,37 @@ def test_interrupted_build_resumes_to_the_same_memory(tmp_path, monkeypatch):
         a = load_file(str(tmp_path / "a" / "mem" / f"layer_{layer:03d}.safetensors"))
         b = load_file(str(tmp_path / "b" / "mem" / f"layer_{layer:03d}.safetensors"))
         assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["values"], b["values"])
+
+
+def test_streamed_finalize_writes_what_an_in_ram_merge_would(tmp_path):
+    """Many small shards and lm-eval's padding duplicates: the streamed merge is byte for byte the file that
+    merging every shard in RAM (first copy of each request, request order) and `save_file` would give."""
+    model = make_tiny_model("olmoe")
+    seqs = sequences(8)
+    seqs += [seqs[-1], seqs[2]]  # a short rank is padded with copies of its requests
+    small = builder(model, tmp_path / "a", shard_tokens=1)
+    small.run(seqs, pad_id=0, batch_size=3)
+    assert len(small._finished_shards()) > 3
+    first_copy = {}
+    for path in small._finished_shards():
+        meta, tensors, offset = small._read_meta(path), load_file(str(path)), 0
+        for rid, count in zip(meta["rids"], meta["counts"]):
+            first_copy.setdefault(tuple(rid), {k: t[offset : offset + count] for k, t in tensors.items()})
+            offset += count
+    order = sorted(first_copy)
+    small.finalize()
+    whole = builder(model, tmp_path / "b", shard_tokens=10**6)
+    whole.run(seqs, pad_id=0, batch_size=3)
+    whole.finalize()
+    manifest = load_memory(tmp_path / "a" / "mem").manifest
+    for layer in (0, 1):
+        ref = tmp_path / f"ref{layer}.safetensors"
+        save_file({part: torch.cat([first_copy[r][f"{part}.{layer}"] for r in order]) for part in ("keys", "values")},
+                  str(ref))
+        name = f"layer_{layer:03d}.safetensors"
+        assert sha256_file(tmp_path / "a" / "mem" / name) == sha256_file(ref) == sha256_file(tmp_path / "b" / "mem" / name)
+        assert manifest["layers"][str(layer)]["num_keys"] == sum(first_copy[r]["keys.0"].shape[0] for r in order)
+    assert manifest["build"]["requests"] == 8
 
 
 def test_bad_build_input(tmp_path):

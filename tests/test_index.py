@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import router_inputs, write_constant_memory
 from knnmoe_eval import attach
@@ -130,3 +131,28 @@ def test_cuda_without_faiss_gpu_falls_back_to_the_cpu_index(monkeypatch):
     monkeypatch.setattr(knn_index, "gpu_available", lambda: False)
     cpu = knn_index.build_index(clustered(100, 64))
     assert knn_index.to_device(cpu, torch.device("cuda:0")) is cpu
+
+
+def test_ivfpq_from_mapped_keys_in_small_chunks_finds_the_same_neighbours(tmp_path, monkeypatch):
+    keys = clustered(3000, 64)
+    save_file({"keys": keys}, str(tmp_path / "keys.safetensors"))
+    mapped = load_file(str(tmp_path / "keys.safetensors"))["keys"]  # memory-mapped, as load_memory returns it
+    factory = knn_index.factory_string("ivfpq", 64, 3000)
+    queries = clustered(300, 64, seed=1).float().numpy()
+    whole = knn_index.build_index(keys, factory, nprobe=8)
+    monkeypatch.setattr(knn_index, "_CHUNK", 100)  # 30 adds instead of one
+    chunked = knn_index.build_index(mapped, factory, nprobe=8)
+    for a, b in zip(knn_index.search(whole, queries, 4), knn_index.search(chunked, queries, 4)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_exact_indexes_that_exceed_the_available_ram_are_refused_at_setup(tmp_path, monkeypatch):
+    model = make_tiny_model("olmoe")
+    mem = write_constant_memory(tmp_path / "m", model, router_inputs(model, IDS), lambda l, n, e: torch.zeros(n, e))
+    monkeypatch.setattr(knn_index, "available_ram", lambda: 1000)  # fewer bytes than 20 fp16 keys of 2 layers
+    with pytest.raises(KnnMoeError, match=r"index=exact keeps every layer's fp16 keys in RAM.*Use index=ivfpq"):
+        with attach(model, mem):
+            pass
+    monkeypatch.setattr(knn_index, "available_ram", lambda: None)  # unknown: no check
+    with attach(model, mem):
+        pass

@@ -36,7 +36,8 @@ def test_memory_with_nothing_near_reproduces_the_stock_model(tmp_path, family, m
             gen = model.generate(IDS, max_new_tokens=5, do_sample=False)
     assert torch.equal(out, ref)
     assert torch.equal(gen, ref_gen)
-    assert all(d["mean_lambda"] == 0.0 and d["topk_changed"] == 0.0 for d in retriever.diagnostics().values())
+    assert all(d["mean_lambda"] == 0.0 and d["topk_changed"] == 0.0 and d["top1_share"] is None
+               for d in retriever.diagnostics().values())
 
 
 def test_values_naming_other_experts_change_topk_where_lambda_is_high_only(tmp_path, family):
@@ -82,3 +83,31 @@ def test_values_naming_other_experts_change_topk_where_lambda_is_high_only(tmp_p
     mixed_far, r = topk_sets(far_ids, attach(model, mem, sigma=0.05, max_distance=0.5))
     assert r.diagnostics()[str(first)]["mean_lambda"] == 0.0
     assert all(torch.equal(stock_far[l], mixed_far[l]) for l in stock_far)
+
+
+def test_top1_share_is_one_with_a_single_neighbour(tmp_path):
+    model = make_tiny_model("olmoe")
+    mem = write_constant_memory(tmp_path / "m", model, router_inputs(model, IDS), lambda l, n, e: torch.zeros(n, e))
+    with torch.no_grad(), attach(model, mem, k=1, sigma=1.0) as retriever:
+        model(IDS)
+    assert all(d["top1_share"] == 1.0 for d in retriever.diagnostics().values())
+
+
+def test_top1_share_of_two_hand_placed_keys(tmp_path):
+    """One token, two keys at distances 1 and 2 from its router input: share = e^-1/2 / (e^-1/2 + e^-2) (sigma 1)."""
+    model = make_tiny_model("olmoe")
+    ids = IDS[:1, :1]
+    h = router_inputs(model, ids)  # (1, d) per layer
+    step = torch.zeros_like(h[0])
+    step[0, 0] = 1.0
+    keys = {l: torch.cat([x + step, x + 2 * step]) for l, x in h.items()}
+    mem = write_constant_memory(tmp_path / "m", model, keys, lambda l, n, e: torch.zeros(n, e))
+    first = find_routers(model)[0].layer
+    with torch.no_grad(), attach(model, mem, k=2, sigma=1.0) as retriever:
+        model(ids)
+    d2 = ((keys[first].half().float() - h[first]) ** 2).sum(-1)  # true distances to the stored fp16 keys
+    s = torch.exp(-d2 / 2.0)
+    diag = retriever.diagnostics()
+    assert diag[str(first)]["top1_share"] == pytest.approx((s.max() / s.sum()).item(), rel=1e-5)
+    assert diag[str(first)]["top1_share"] == pytest.approx(0.8176, abs=1e-3)  # e^-.5 / (e^-.5 + e^-2)
+    assert all(0.5 <= d["top1_share"] <= 1.0 for d in diag.values())
