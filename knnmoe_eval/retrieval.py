@@ -133,7 +133,8 @@ class Retriever:
         s_1 / sum_i s_i (the nearest neighbour's share of the similarity mass) over tokens with lambda > 0,
         None when there were none. 1.0 means the proposal is the nearest value alone, 1/k an even average."""
         out = {}
-        for layer, (lam, changed, n, top1, confident) in self._stats.items():
+        for layer, stats in self._stats.items():
+            lam, changed, n, top1, confident = stats.cpu()
             n = max(n.item(), 1.0)
             out[str(layer)] = {"mean_lambda": lam.item() / n, "topk_changed": changed.item() / n, "tokens": int(n),
                                "top1_share": top1.item() / confident.item() if confident.item() else None}
@@ -159,10 +160,12 @@ class Retriever:
         changed = (before.sort(-1).values != after.sort(-1).values).any(-1)
         confident = lam > 0  # (m,) tokens whose proposal was mixed in at all
         share = sims[confident, 0] / sims[confident].sum(-1)  # neighbours come nearest first: s_1 is the largest
-        self._stats[site.layer] += torch.tensor(
-            [lam.sum().item(), changed.sum().item(), lam.numel(), share.sum().item(), confident.sum().item()],
-            dtype=torch.float64,
-        )
+        # summed on the logits' device: no host sync per layer and forward (a GPU run never waits on them)
+        step = torch.stack([lam.sum(), changed.sum(), lam.new_tensor(lam.numel()), share.sum(), confident.sum()])
+        stats = self._stats[site.layer]
+        if stats.device != step.device:
+            stats = self._stats[site.layer] = stats.to(step.device)
+        stats += step.to(stats.dtype)
         if rows is None:
             return mixed
         out = z.clone()
