@@ -101,8 +101,8 @@ def main() -> None:
 
     stock = rows["stock"]
     print(f"\ntoy model: {toy_dir}\n")
-    print(f"| method | shifted acc | Δ vs stock | in-domain acc | in-domain kept | mean λ (shifted) |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| method | shifted acc | Δ vs stock | in-domain acc | in-domain kept | mean λ (shifted) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         lam = r.get("lambda")
         lam_s = f"{sum(lam.values()) / len(lam):.3f}" if lam else "—"

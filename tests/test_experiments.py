@@ -1,7 +1,6 @@
 """The experiments runner, reduced: two benchmarks, few items, every method, every ablation."""
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
