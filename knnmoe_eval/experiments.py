@@ -264,7 +264,8 @@ class Runner:
         """
         zero, knn = self.zero_shot(bench), self.knn(bench)
         skip = lowest_fraction(self.perplexity(bench), self.s.selective_fraction)
-        return {**knn, "scores": [float(x) for x in np.where(skip, zero["scores"], knn["scores"])], "skipped": int(skip.sum())}
+        scores = np.where(skip, zero["scores"], knn["scores"])
+        return {**knn, "scores": [float(x) for x in scores], "skipped": int(skip.sum())}
 
     def methods(self, bench: Benchmark) -> dict[str, dict]:
         """Table 1's rows for one benchmark, in the paper's order. A method that cannot run here (e.g. IVFPQ on a

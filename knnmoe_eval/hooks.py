@@ -2,8 +2,8 @@
 
 Each router *instance* gets its forward replaced (checkpoint key names, `output_router_logits` recording and the
 MoE block's call all stay as they are) by: logits from the router input, `transform(site, h, z) -> z'`, then the
-family's own gating on z'. Retrieval's transform mixes in the memory; the build's adds trainable offsets and
-records keys. The context manager restores every router in `finally` and, on exit, checks that every hooked
+family's own gating on z' (or `-> (z', gating)` when the transform has already run that gating). Retrieval's
+transform mixes in the memory; the build's adds trainable offsets and records keys. The context manager restores every router in `finally` and, on exit, checks that every hooked
 router actually ran: a hub kernel that replaces the MoE forward would otherwise silently bypass us.
 """
 
@@ -17,14 +17,16 @@ import torch
 from .errors import KnnMoeError
 from .families import RouterSite
 
-Transform = Callable[[RouterSite, torch.Tensor, torch.Tensor], torch.Tensor]
+Transform = Callable[[RouterSite, torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, tuple]]
 
 
 def _hooked_forward(site: RouterSite, transform: Transform, calls: dict[int, int]):
     def forward(hidden_states: torch.Tensor):
         h = hidden_states.reshape(-1, site.hidden_size)  # (n_tokens, d)
-        z = transform(site, h, site.logits(h))  # (n_tokens, E)
-        scores, indices = site.gate(z)
+        out = transform(site, h, site.logits(h))
+        # a transform that already gated its logits (retrieval does, for its diagnostics) hands the result over
+        z, gated = out if isinstance(out, tuple) else (out, None)  # z: (n_tokens, E)
+        scores, indices = gated if gated is not None else site.gate(z)
         calls[site.layer] += 1
         return z, scores, indices
 

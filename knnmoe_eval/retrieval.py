@@ -140,7 +140,8 @@ class Retriever:
                                "top1_share": top1.item() / confident.item() if confident.item() else None}
         return out
 
-    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor):
+        """Mixed logits for the hook, with their gating (z unchanged for a layer with no memory)."""
         layer = self.layers.get(site.layer)
         if layer is None:
             return z
@@ -155,8 +156,14 @@ class Retriever:
         sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
         z_sub = z if rows is None else z[rows]
         mixed, lam = mix(z_sub, layer.values[ids], sims)  # (m, E), (m,)
+        if rows is None:
+            out = mixed
+        else:
+            out = z.clone()
+            out[rows] = mixed
+        gated = site.gate(out)  # handed to the hook, which would otherwise gate `out` a second time
         _, before = site.gate(z_sub)
-        _, after = site.gate(mixed)
+        after = gated[1] if rows is None else gated[1][rows]
         changed = (before.sort(-1).values != after.sort(-1).values).any(-1)
         confident = lam > 0  # (m,) tokens whose proposal was mixed in at all
         share = sims[confident, 0] / sims[confident].sum(-1)  # neighbours come nearest first: s_1 is the largest
@@ -166,11 +173,7 @@ class Retriever:
         if stats.device != step.device:
             stats = self._stats[site.layer] = stats.to(step.device)
         stats += step.to(stats.dtype)
-        if rows is None:
-            return mixed
-        out = z.clone()
-        out[rows] = mixed
-        return out
+        return out, gated
 
 
 @contextmanager
