@@ -3,8 +3,9 @@
 Each router *instance* gets its forward replaced (checkpoint key names, `output_router_logits` recording and the
 MoE block's call all stay as they are) by: logits from the router input, `transform(site, h, z) -> z'`, then the
 family's own gating on z' (or `-> (z', gating)` when the transform has already run that gating). Retrieval's
-transform mixes in the memory; the build's adds trainable offsets and records keys. The context manager restores every router in `finally` and, on exit, checks that every hooked
-router actually ran: a hub kernel that replaces the MoE forward would otherwise silently bypass us.
+transform mixes in the memory; the build's adds trainable offsets and records keys. The context manager restores
+every router in `finally` and, on exit, checks that every hooked router actually ran: a hub kernel that replaces
+the MoE forward would otherwise silently bypass us.
 """
 
 from __future__ import annotations
