@@ -323,3 +323,25 @@ def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: l
         raise KnnMoeError(f"request {rid} has an empty continuation: a build task's target must be the gold answer")
     whole = (context_enc + continuation_enc)[-(max_length + 1):]
     return RefSequence(rid, whole[:-1], whole[1:], min(len(continuation_enc), len(whole) - 1))
+
+
+def encode_request(lm, rid: RequestId, context: str, continuation: str) -> RefSequence:
+    """A build request's tokens as lm-eval's `hf` (`lm`, an HFLM) tokenizes a loglikelihood request."""
+    if context:
+        ctx, cont = lm._encode_pair(context, continuation)
+    else:
+        ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
+    return tokenize_request(rid, ctx, cont, lm.max_length)
+
+
+def refuse_several_answers(rids: list[RequestId], purpose: str) -> None:
+    """Teacher-forcing needs one target per document: refuse tasks that emit every answer choice."""
+    per_doc: dict[tuple[str, int], set[int]] = {}
+    for task, doc, idx in rids:
+        per_doc.setdefault((task, doc), set()).add(idx)
+    multi = sorted({task for (task, _), idxs in per_doc.items() if len(idxs) > 1})
+    if multi:
+        raise KnnMoeError(
+            f"task(s) {multi} emit several answer choices per document; {purpose} must teacher-force only the gold "
+            "answer (use a knnmoe_*_ref task, or see README 'Turning a task into a build task')"
+        )

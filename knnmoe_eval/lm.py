@@ -23,7 +23,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .build import MemoryBuilder, tokenize_request
+from .build import MemoryBuilder, encode_request, refuse_several_answers
 from .errors import KnnMoeError
 from .families import find_routers
 from .hooks import hooked_routers
@@ -87,15 +87,7 @@ class KnnMoeLM(HFLM):
 
     def _build(self, requests) -> list[tuple[float, bool]]:
         rids = [(r.task_name, r.doc_id, r.idx) for r in requests]
-        per_doc: dict[tuple[str, int], set[int]] = {}
-        for task, doc, idx in rids:
-            per_doc.setdefault((task, doc), set()).add(idx)
-        multi = sorted({task for (task, _), idxs in per_doc.items() if len(idxs) > 1})
-        if multi:
-            raise KnnMoeError(
-                f"task(s) {multi} emit several answer choices per document; a build task must teacher-force only the "
-                "gold answer (use a knnmoe_*_ref task, or see README 'Turning a task into a build task')"
-            )
+        refuse_several_answers(rids, "a build task")
         # pseudo-labels (labels.py): every request's gold continuation is replaced by its label's, never mixed
         labels = read_labels(self.knn.labels) if self.knn.labels else None
         sequences = {}
@@ -104,11 +96,7 @@ class KnnMoeLM(HFLM):
                 context, continuation = req.args
                 if labels is not None:
                     continuation = labelled_continuation(labels, rid[0], rid[1], context, self.knn.labels)
-                if context:
-                    ctx, cont = self._encode_pair(context, continuation)
-                else:
-                    ctx, cont = [self.prefix_token_id], self.tok_encode(continuation, add_special_tokens=False)
-                sequences[rid] = tokenize_request(rid, ctx, cont, self.max_length)
+                sequences[rid] = encode_request(self, rid, context, continuation)
         batch = self.batch_size if isinstance(self.batch_size, int) else 8
         start = time.perf_counter()
         results = self.builder.run(list(sequences.values()), self.tokenizer.pad_token_id or 0, batch)

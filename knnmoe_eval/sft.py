@@ -1,7 +1,7 @@
 """The paper's SFT baselines: LoRA SFT and router-only SFT on the same reference set a kNN-MoE memory is built from.
 
 Data. The sequences are exactly those of a memory build: the loglikelihood requests of lm-eval `_ref` tasks
-(context + gold answer), tokenized by lm-eval's `hf` model (`HFLM._encode_pair`, `build.tokenize_request`).
+(context + gold answer), tokenized by lm-eval's `hf` model (`build.encode_request`).
 The loss is the cross-entropy of the answer tokens only, averaged over answer tokens. Documents are split
 85/15 into train and validation by a seeded shuffle; validation runs after every epoch and the adapter kept is
 the epoch with the lowest validation loss (trained epochs only; the stock model's loss is recorded beside it).
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .build import RefSequence, tokenize_request
+from .build import RefSequence, encode_request, refuse_several_answers
 from .errors import KnnMoeError
 from .families import find_routers
 from .memory import save_tensors_atomic, write_json_atomic
@@ -82,7 +82,7 @@ def reference_requests(tasks: list[str], include_path: str | None = None, metada
                        limit: int | None = None) -> list:
     """The lm-eval loglikelihood Instances of build tasks, one gold answer per document (else refused)."""
     loaded = _task_manager(list(tasks), include_path, metadata).load(list(tasks))["tasks"]  # groups flattened
-    requests, per_doc = [], {}
+    requests = []
     for task in loaded.values():
         task.build_all_requests(limit=limit, rank=0, world_size=1)
         for inst in task.instances:
@@ -91,28 +91,14 @@ def reference_requests(tasks: list[str], include_path: str | None = None, metada
                     f"task {inst.task_name!r} emits {inst.request_type} requests; SFT trains on loglikelihood build "
                     "tasks whose target is the gold answer (the knnmoe_*_ref tasks)"
                 )
-            per_doc.setdefault((inst.task_name, inst.doc_id), set()).add(inst.idx)
             requests.append(inst)
-    multi = sorted({task for (task, _), idxs in per_doc.items() if len(idxs) > 1})
-    if multi:
-        raise KnnMoeError(
-            f"task(s) {multi} emit several answer choices per document; SFT must train on the gold answer only "
-            "(use a knnmoe_*_ref task, or see README 'Turning a task into a build task')"
-        )
+    refuse_several_answers([(r.task_name, r.doc_id, r.idx) for r in requests], "SFT")
     return requests
 
 
 def tokenize(lm, requests) -> list[RefSequence]:
     """Token ids of each request exactly as `hf-knnmoe`'s build (and `hf`'s loglikelihood) tokenizes them."""
-    sequences = []
-    for req in requests:
-        context, continuation = req.args
-        if context:
-            ctx, cont = lm._encode_pair(context, continuation)
-        else:
-            ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
-        sequences.append(tokenize_request((req.task_name, req.doc_id, req.idx), ctx, cont, lm.max_length))
-    return sequences
+    return [encode_request(lm, (req.task_name, req.doc_id, req.idx), *req.args) for req in requests]
 
 
 def split(sequences: list[RefSequence], val_frac: float, seed: int) -> tuple[list[RefSequence], list[RefSequence]]:
