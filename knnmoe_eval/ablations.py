@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KnnMoeError
+from .experiments import BENCHMARKS, DENSE
+from .memory import write_json_atomic
 from .stats import BUCKETS, perplexity_buckets
 
 ABLATIONS = ("n", "k", "steps", "similarity", "ppl", "cost", "latency", "unlabelled")
@@ -30,13 +32,11 @@ def run(runner, name: str) -> str:
     """Run one ablation, write its files and return its markdown table."""
     if name not in ABLATIONS:
         raise KnnMoeError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
-    from .experiments import BENCHMARKS, write_json
-
     benches = [BENCHMARKS[b] for b in runner.s.benchmarks]
     rows, x, y, kind = globals()[f"_{name}"](runner, benches)
     out = runner.out / "ablations"
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{name}.json", {"ablation": name, "rows": rows})
+    write_json_atomic(out / f"{name}.json", {"ablation": name, "rows": rows})
     markdown = f"### Ablation: {name}\n\n" + _markdown(rows)
     (out / f"{name}.md").write_text(markdown)
     _plot(rows, x, y, kind, f"{name} ({runner.pretrained.rstrip('/').split('/')[-1]})", out / f"{name}.png")
@@ -87,7 +87,7 @@ def _ppl(runner, benches):
         columns["Zero-shot"].append(runner.zero_shot(b)["scores"])
         columns["kNN-MoE"].append(runner.knn(b)["scores"])
         columns["kNN-MoE (Selective)"].append(runner.selective(b)["scores"])
-        columns["kNN-MoE (grad=dense)"].append(runner.knn(b, "knn-dense", build={"grad": "dense"})["scores"])
+        columns["kNN-MoE (grad=dense)"].append(runner.knn_dense(b)["scores"])
         columns["bucket"].append(perplexity_buckets(runner.perplexity(b)))  # bucketed within each benchmark
     cat = {k: np.concatenate(v) for k, v in columns.items()}
     rows = []
@@ -104,9 +104,8 @@ def _cost(runner, benches):
     rows = []
     for label, build, evaluate in (
         ("kNN-MoE", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b)),
-        ("kNN-MoE (IVFPQ)", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b, "knn-ivfpq", index="ivfpq")),
-        ("kNN-MoE (grad=dense)", lambda b: _build_s(runner.memory(b, grad="dense")),
-         lambda b: runner.knn(b, "knn-dense", build={"grad": "dense"})),
+        ("kNN-MoE (IVFPQ)", lambda b: _build_s(runner.memory(b)), runner.knn_ivfpq),
+        ("kNN-MoE (grad=dense)", lambda b: _build_s(runner.memory(b, **DENSE)), runner.knn_dense),
         ("LoRA SFT", lambda b: _train_s(runner.adapter(b, "lora")), None),
         ("Router-only SFT", lambda b: _train_s(runner.adapter(b, "router")), None),
         ("Zero-shot", lambda b: 0.0, lambda b: runner.zero_shot(b)),
@@ -179,7 +178,7 @@ def _timed(runner, benches, make_lm) -> tuple[float, float | None]:
 
 def _unlabelled(runner, benches):
     """Memories from references labelled by the model itself (and by a judge) instead of gold answers."""
-    from .labels import make_labels
+    from .labels import make_labels, summary_path
 
     rows = []
     labellers = {"gold": None, "self": lambda b: runner.base}
@@ -193,12 +192,11 @@ def _unlabelled(runner, benches):
             build = {}
             if labeller is not None:
                 path = runner.out / "labels" / f"{b.name}-{name}-n{runner.s.ref_limit or 'all'}.jsonl"
-                if not path.exists():
+                if not summary_path(path).exists():  # written after the labels: a finished labelling
                     make_labels(labeller(b), None, [b.ref_mc], path, limit=runner.s.ref_limit,
                                 labeller=runner.s.judge if name == "judge" else "self",
                                 task_manager=runner.task_manager)
-                lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                agreement.append(np.mean([line["gold_agrees"] for line in lines]))
+                agreement.append(json.loads(summary_path(path).read_text())["tasks"][b.ref]["agreement"])
                 build = {"labels": str(path)}
             records[b.name] = runner.knn(b, f"ablate-labels/{name}", build=build)
         rows.append({"labels": name, "agree with gold": float(np.mean(agreement)) if agreement else 1.0,

@@ -30,11 +30,7 @@ from .stats import lowest_fraction, paired_bootstrap
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, obj)
+DENSE = {"grad": "dense"}  # the build settings of the `grad=dense` rows
 
 
 @dataclass(frozen=True)
@@ -158,7 +154,7 @@ class Runner:
         """The judge that labels references in the unlabelled ablation: `knn-dense` is this model with its
         gold-built dense-gradient memory; anything else is an lm-eval model spec `MODEL:ARGS`."""
         if self.s.judge == "knn-dense":
-            return self.knn_lm(self.memory(bench, grad="dense"), k=self.s.k)
+            return self.knn_lm(self.memory(bench, **DENSE), k=self.s.k)
         from lm_eval.api.registry import get_model
 
         model, _, args = self.s.judge.partition(":")
@@ -184,7 +180,7 @@ class Runner:
         if not (path / "manifest.json").exists():
             lm = self.knn_lm(path, mode="build", **build)
             self._evaluate(lm, bench.ref, limit=n)
-            write_json(self.out / "memories" / f"{name}.build.json",
+            write_json_atomic(self.out / "memories" / f"{name}.build.json",
                        {"wall_s": lm.build_wall_s, "references": n, **build})
         return path
 
@@ -225,22 +221,23 @@ class Runner:
             "wall_s": wall,
             "diagnostics": result["config"].get("knnmoe", {}).get("diagnostics"),
         }
-        write_json(path, record)
+        write_json_atomic(path, record)
         return record
 
     def perplexity(self, bench: Benchmark) -> np.ndarray:
         """Zero-shot perplexity of each test item's prompt under the stock model (Table 2 buckets, Selective)."""
         zero = self.zero_shot(bench)
         path = self.out / "runs" / "zero-shot" / f"{bench.name}.ppl.json"
-        if path.exists() and json.loads(path.read_text())["doc_ids"] == zero["doc_ids"]:
-            return np.array(json.loads(path.read_text())["ppl"])
+        cached = json.loads(path.read_text()) if path.exists() else None
+        if cached is not None and cached["doc_ids"] == zero["doc_ids"]:
+            return np.array(cached["ppl"])
         from lm_eval.api.instance import Instance
 
         requests = [Instance("loglikelihood_rolling", doc={}, arguments=(c,), idx=0) for c in zero["contexts"]]
         logliks = self.base.loglikelihood_rolling(requests, disable_tqdm=True)
         tokens = [max(1, len(self.base.tok_encode(c))) for c in zero["contexts"]]
         ppl = [float(np.exp(-ll / n)) for ll, n in zip(logliks, tokens)]
-        write_json(path, {"doc_ids": zero["doc_ids"], "ppl": ppl})
+        write_json_atomic(path, {"doc_ids": zero["doc_ids"], "ppl": ppl})
         return np.array(ppl)
 
     # -- methods -------------------------------------------------------------------------------------------------
@@ -255,6 +252,12 @@ class Runner:
         memory = self.memory(bench, n=n, **(build or {}))
         return self.scores(run, bench, lambda: self.knn_lm(memory, **options),
                            config={"memory": memory.name, **options})
+
+    def knn_ivfpq(self, bench: Benchmark) -> dict:
+        return self.knn(bench, "knn-ivfpq", index="ivfpq")
+
+    def knn_dense(self, bench: Benchmark) -> dict:
+        return self.knn(bench, "knn-dense", build=DENSE)
 
     def selective(self, bench: Benchmark) -> dict:
         """kNN-MoE with retrieval skipped on the lowest-perplexity third of the test items (paper Table 3).
@@ -276,9 +279,9 @@ class Runner:
         methods["LoRA SFT"] = lambda: self.sft(bench, "lora")
         methods["Router-only SFT"] = lambda: self.sft(bench, "router")
         methods["kNN-MoE"] = lambda: self.knn(bench)
-        methods["kNN-MoE (IVFPQ)"] = lambda: self.knn(bench, "knn-ivfpq", index="ivfpq")
+        methods["kNN-MoE (IVFPQ)"] = lambda: self.knn_ivfpq(bench)
         methods["kNN-MoE (Selective)"] = lambda: self.selective(bench)
-        methods["kNN-MoE (grad=dense)"] = lambda: self.knn(bench, "knn-dense", build={"grad": "dense"})
+        methods["kNN-MoE (grad=dense)"] = lambda: self.knn_dense(bench)
         rows = {}
         for name, run in methods.items():
             try:
@@ -325,7 +328,7 @@ def table(runner: Runner) -> dict:
               "columns": [*s.benchmarks, "Avg."], "table": cells, "errors": errors,
               "wall_s": {m: {b: per_bench[b][m].get("wall_s") for b in s.benchmarks if m in per_bench[b]}
                          for m in methods}}
-    write_json(runner.out / "table.json", result)
+    write_json_atomic(runner.out / "table.json", result)
     (runner.out / "table.md").write_text(render_table(cells, errors))
     return result
 

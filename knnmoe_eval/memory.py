@@ -59,6 +59,7 @@ def save_tensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadat
 
 
 def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
     os.replace(tmp, path)
