@@ -1,23 +1,9 @@
-"""Memory construction: teacher-force gold answers, one joint gradient step on every router's logits, store.
+"""Memory construction through lm-eval: reference requests -> batches -> the gradient step -> shards -> memory.
 
-For a batch of reference sequences (context + gold continuation):
-
-    z_l    = W_l h_l                    router logits of every MoE layer l, under stock routing
-    delta  = 0                          a trainable offset per layer and token, fp32
-    loss   = sum_seq mean_{t in answer} -log p(x_{t+1} | x_<=t; z + delta)
-    g_l    = d loss / d delta_l         all layers jointly, one backward pass
-    z*_l   = z_l - eta g_l              (T steps of this, or Adam on delta; the paper uses T = 1, plain steps)
-    memory_l += {(h_l[t], z*_l[t]) : t at the kept positions}
-
-Each sequence's loss is its own mean, so batching never mixes sequences' gradients and eta does not depend on
-the batch. Keys are router inputs under stock routing; values of layer l >= 1 are computed with earlier layers
-stock, but at inference they are applied after earlier layers were already mixed: that mismatch is inherent to
-the paper's method and kept as is.
-
-`grad=dense` (beyond the paper): with top-k gating the paper's gradient never names an unselected expert (zero
-for renormalising families, same sign for all of them otherwise). The forward stays exactly sparse while the
-backward treats the layer as the dense softmax mixture of all experts (straight-through, as DenseMixer), which
-costs E/k times the expert compute during the build.
+The method itself (leaf logits, the loss, z* = z - eta g) is `gradient.py`; this module feeds it padded batches,
+keeps the stored positions, and owns resume and the merge. Keys are router inputs under stock routing; values of
+layer l >= 1 are computed with earlier layers stock, but at inference they are applied after earlier layers were
+already mixed: that mismatch is inherent to the paper's method and kept as is.
 
 Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
 the memory itself is written last, manifest last of all. Finalizing merges one layer at a time, streaming each
@@ -32,17 +18,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import ExitStack, contextmanager
-from typing import Iterator, Sequence
+from contextlib import ExitStack
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from tqdm import tqdm
 
 from .errors import KnnMoeError
 from .families import RouterSite
-from .hooks import hooked_routers
+from .gradient import optimise_logits
 from .memory import MANIFEST, ROWS, save_tensors_atomic, write_json_atomic, write_memory_streamed
 from .options import KnnMoeOptions
 
@@ -60,43 +45,6 @@ class RefSequence:
     tokens: list[int]  # model input: (context + continuation)[:-1], left-truncated to max_length
     targets: list[int]  # next tokens: (context + continuation)[1:]
     n_cont: int  # the last n_cont positions predict the continuation
-
-
-class OffsetTransform:
-    """Hook transform for the build: adds per-layer trainable offsets and records stock logits and keys."""
-
-    def __init__(self, dense: bool):
-        self.dense = dense
-        self.reset()
-
-    def reset(self) -> None:
-        self.deltas: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32, requires grad
-        self.stock_logits: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32
-        self.keys: dict[int, torch.Tensor] = {}  # (n_tokens, d) router inputs under stock routing
-        self.dense_probs: dict[int, torch.Tensor] = {}
-
-    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if site.layer not in self.deltas:  # first forward of this batch: routing is stock (delta = 0)
-            self.keys[site.layer] = h.detach()
-            self.stock_logits[site.layer] = z.detach().float()
-            self.deltas[site.layer] = torch.zeros(z.shape, dtype=torch.float32, device=z.device, requires_grad=True)
-        shifted = (z.float() + self.deltas[site.layer]).to(z.dtype)
-        if not self.dense:
-            return shifted
-        # straight-through: the gating below sees detached logits (forward exactly sparse), the experts hook adds
-        # a zero-valued dense mixture whose gradient reaches delta through these probabilities
-        self.dense_probs[site.layer] = F.softmax(shifted.float(), dim=-1)
-        return shifted.detach()
-
-    def dense_hook(self, layer: int):
-        def hook(experts: torch.nn.Module, args, output):
-            h = args[0].detach()  # (n_tokens, d)
-            p = self.dense_probs.pop(layer)  # (n_tokens, E)
-            all_experts = torch.arange(p.shape[-1], device=p.device).expand(p.shape[0], -1)
-            dense = experts.forward(h, all_experts, p.to(h.dtype))
-            return output + (dense - dense.detach())
-
-        return hook
 
 
 @dataclass
@@ -119,7 +67,6 @@ class MemoryBuilder:
         self.rank, self.world_size = rank, world_size
         self.out = Path(options.memory)
         self.shard_dir = self.out / "shards"
-        self.transform = OffsetTransform(dense=options.grad == "dense")
         self._check_out_dir()
 
     # -- resumable state -------------------------------------------------------------------------------------
@@ -167,74 +114,36 @@ class MemoryBuilder:
         save_tensors_atomic(self.shard_dir / f"shard_{self.rank:03d}_{seq_no:06d}.safetensors", tensors,
                             metadata={"build": json.dumps(meta)})
 
-    @contextmanager
-    def _dense_experts(self) -> Iterator[None]:
-        """Under grad=dense, every MoE layer's experts also return the (zero-valued) dense mixture."""
-        with ExitStack() as stack:
-            if self.transform.dense:
-                for site in self.sites:
-                    experts = self.model.get_submodule(site.name.rsplit(".", 1)[0]).experts
-                    stack.callback(experts.register_forward_hook(self.transform.dense_hook(site.layer)).remove)
-            yield
-
-    # -- the method ------------------------------------------------------------------------------------------
+    # -- batches ----------------------------------------------------------------------------------------------
     def _batch_step(self, batch: list[RefSequence], shard: _Shard, pad_id: int) -> list[float]:
-        """Run the T steps on one batch, append its entries to `shard`; returns the loss before each step."""
+        """Run the gradient step on one batch, append its entries to `shard`; returns the loss before each step."""
         device = next(self.model.parameters()).device
         width = max(len(s.tokens) for s in batch)
         inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        for i, s in enumerate(batch):
-            inputs[i, : len(s.tokens)] = torch.tensor(s.tokens)
-        inputs = inputs.to(device)
-        # positions scored by the loss, and kept in the memory
-        kept = torch.zeros(len(batch), width, dtype=torch.bool)
-        scored = torch.zeros(len(batch), width, dtype=torch.bool)
         targets = torch.zeros(len(batch), width, dtype=torch.long)
+        answer = torch.zeros(len(batch), width, dtype=torch.bool)  # the request's continuation
+        kept = torch.zeros(len(batch), width, dtype=torch.bool)  # stored in the memory, and scored by the loss
         for i, s in enumerate(batch):
             n = len(s.tokens)
+            inputs[i, :n] = torch.tensor(s.tokens)
             targets[i, :n] = torch.tensor(s.targets)
-            scored[i, n - s.n_cont : n] = True
-            kept[i, n - s.n_cont if self.opts.positions == "answer" else 1 : n] = True
-        kept, scored, targets = kept.to(device), scored.to(device), targets.to(device)
-
-        self.transform.reset()
-        deltas, optimizer, losses = None, None, []
-        for step in range(self.opts.steps):
-            with torch.enable_grad(), hooked_routers(self.sites, self.transform), self._dense_experts():
-                logits = self.model(inputs).logits.float()  # (b, T, V)
-                logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (b, T)
-                per_seq = -(logp * scored).sum(-1) / scored.sum(-1)  # mean NLL over each sequence's answer
-                if step == 0:
-                    greedy = (logits.argmax(-1) == targets) | ~scored
-                    for i, s in enumerate(batch):
-                        shard.loglik.append((float((logp[i] * scored[i]).sum().detach()), bool(greedy[i].all())))
-                    deltas = [self.transform.deltas[s.layer] for s in self.sites]
-                    if self.opts.optimizer == "adam":
-                        optimizer = torch.optim.Adam(deltas, lr=self.opts.eta)
-                loss = per_seq.sum()
-                losses.append(float(loss.detach()))
-                grads = torch.autograd.grad(loss, deltas, allow_unused=True)
-            with torch.no_grad():
-                for delta, g in zip(deltas, grads):
-                    if g is None:
-                        continue  # a layer that cannot influence the loss (e.g. no answer tokens reach it)
-                    if optimizer is None:
-                        delta -= self.opts.eta * g
-                    else:
-                        delta.grad = g
-                if optimizer is not None:
-                    optimizer.step()
-        flat_kept = kept.reshape(-1)
+            answer[i, n - s.n_cont : n] = True
+            # position 0 (BOS or the first context token) has the same router input in every sequence
+            kept[i, n - s.n_cont if self.opts.positions == "answer" else min(1, n - 1) : n] = True
+        o = self.opts
+        result = optimise_logits(self.model, self.sites, inputs.to(device), targets.to(device), kept.to(device),
+                                 answer.to(device), eta=o.eta, steps=o.steps, loss=o.loss, grad=o.grad,
+                                 optimizer=o.optimizer, logits=o.logits)
+        flat_kept = kept.reshape(-1).to(device)
         for site in self.sites:
-            layer = site.layer
-            z_star = self.transform.stock_logits[layer] + self.transform.deltas[layer].detach()  # (b*T, E)
             # fp16 as stored: half the shard's RAM, and the same numbers (any float -> fp16 rounds once)
-            shard.keys.setdefault(layer, []).append(self.transform.keys[layer][flat_kept].to(torch.float16).cpu())
-            shard.values.setdefault(layer, []).append(z_star[flat_kept].cpu())
+            shard.keys.setdefault(site.layer, []).append(result.keys[site.layer][flat_kept].to(torch.float16).cpu())
+            shard.values.setdefault(site.layer, []).append(result.values[site.layer][flat_kept].cpu())
         for i, s in enumerate(batch):
             shard.rids.append(s.rid)
             shard.counts.append(int(kept[i].sum()))
-        return losses
+            shard.loglik.append((float(result.answer_logprob[i]), bool(result.answer_greedy[i])))
+        return result.losses
 
     def run(self, sequences: list[RefSequence], pad_id: int, batch_size: int) -> dict[RequestId, tuple[float, bool]]:
         """Build (or resume) this rank's shards from `sequences`; returns the stock loglikelihood of each."""

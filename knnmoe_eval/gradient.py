@@ -1,0 +1,164 @@
+"""The build's gradient step: locally optimal router logits z* (paper §4.1, Eq. 2).
+
+For a batch of teacher-forced reference sequences, every MoE layer's router output W_l h_l is replaced by a free
+logit vector, a leaf initialised at the stock logits, and all layers' leaves are optimised jointly:
+
+    z_l    = W_l h_l                         leaves, from the first (stock) forward; keys_l = h_l
+    loss   = sum_t -log p(y_t | x_<=t; z)    over the scored positions t  (loss=sum; loss=mean: per-sequence mean)
+    g_l    = d loss / d z_l                  all layers in one backward pass
+    z_l   <- z_l - eta g_l                   T times (the paper: T = 1); optimizer=adam: Adam steps on the leaves
+    z*_l   = z_l                             the last iterate, stored under the key h_l
+
+The leaves replace the router outputs outright: no gradient runs through any router's W h, and in later steps a
+later layer's logits are its own iterate, not W h recomputed under the earlier layers' new routing.
+`logits=live` (not the paper) instead adds a trainable offset to the live logits W h(delta), so an earlier
+layer's gradient also runs through every later router and z* = stock + delta.
+
+Sequences never mix: a sequence's loss reaches only its own positions, and with `loss=sum` each position's own
+target y_t drives its gradient (plus the targets after it, through attention; with one-token answers, as in every
+multiple-choice benchmark, this is exactly Eq. 2). `loss=mean` divides each sequence's sum by its scored
+positions, which shrinks the step of an n-token answer n-fold.
+
+`grad=dense` (beyond the paper): the paper's gradient never names an unselected expert (zero for renormalising
+families, one shared sign otherwise). The forward stays exactly sparse while the backward treats the layer as
+the dense softmax mixture of all experts (straight-through, as DenseMixer): E/k times the expert compute.
+
+Log-probabilities are computed at the scored positions only (`logits_to_keep`): a full-vocabulary fp32 logit
+tensor of a whole batch is gigabytes at a 150k vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .families import RouterSite
+from .hooks import hooked_routers
+
+
+class LeafLogits:
+    """Hook transform of the build: each layer's logits become a leaf (or stock + an offset leaf, `live`)."""
+
+    def __init__(self, dense: bool = False, live: bool = False):
+        self.dense, self.live = dense, live
+        self.leaves: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32, requires grad: z_l, or delta_l when live
+        self.stock: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32
+        self.keys: dict[int, torch.Tensor] = {}  # (n_tokens, d) router inputs of the stock forward
+        self.dense_probs: dict[int, torch.Tensor] = {}
+
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if site.layer not in self.leaves:  # first forward: routing is stock
+            self.keys[site.layer] = h.detach()
+            self.stock[site.layer] = z.detach().float()
+            init = torch.zeros_like(self.stock[site.layer]) if self.live else self.stock[site.layer].clone()
+            self.leaves[site.layer] = init.requires_grad_()
+        leaf = self.leaves[site.layer]
+        used = (z.float() + leaf if self.live else leaf).to(z.dtype)  # (n_tokens, E)
+        if not self.dense:
+            return used
+        # straight-through: the gating sees detached logits (forward exactly sparse); the experts' hook adds a
+        # zero-valued dense mixture whose gradient reaches the leaf through these probabilities
+        self.dense_probs[site.layer] = F.softmax(used.float(), dim=-1)
+        return used.detach()
+
+    def z_star(self, layer: int) -> torch.Tensor:
+        """The stored value of `layer`: the last iterate of its logits, (n_tokens, E) fp32."""
+        leaf = self.leaves[layer].detach()
+        return self.stock[layer] + leaf if self.live else leaf.clone()
+
+    def dense_hook(self, layer: int):
+        def hook(experts: torch.nn.Module, args, output):
+            h = args[0].detach()  # (n_tokens, d)
+            p = self.dense_probs.pop(layer)  # (n_tokens, E)
+            all_experts = torch.arange(p.shape[-1], device=p.device).expand(p.shape[0], -1)
+            dense = experts.forward(h, all_experts, p.to(h.dtype))
+            return output + (dense - dense.detach())
+
+        return hook
+
+
+@contextmanager
+def _dense_experts(model: torch.nn.Module, sites: Sequence[RouterSite], transform: LeafLogits) -> Iterator[None]:
+    """Under grad=dense, every MoE layer's experts also return the (zero-valued) dense mixture."""
+    with ExitStack() as stack:
+        if transform.dense:
+            for site in sites:
+                experts = model.get_submodule(site.name.rsplit(".", 1)[0]).experts
+                stack.callback(experts.register_forward_hook(transform.dense_hook(site.layer)).remove)
+        yield
+
+
+def target_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                    needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p(target) and greedy hits at the columns where any row needs them.
+
+    inputs, targets, needed: (b, T); returns logp (b, P) fp32, greedy (b, P) bool, cols (P,): the kept columns.
+    """
+    cols = needed.any(0).nonzero().squeeze(-1)  # (P,)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(inputs, logits_to_keep=cols).logits  # (b, P, V)
+    else:
+        logits = model(inputs).logits[:, cols]
+    logits = logits.float()
+    tgt = targets[:, cols]  # (b, P)
+    logp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # (b, P)
+    return logp, logits.argmax(-1) == tgt, cols
+
+
+@dataclass
+class StepResult:
+    keys: dict[int, torch.Tensor]  # layer -> (b*T, d) router inputs under stock routing
+    values: dict[int, torch.Tensor]  # layer -> (b*T, E) fp32 z*
+    losses: list[float]  # the batch's loss before each step
+    answer_logprob: torch.Tensor  # (b,) stock log p(answer), summed over the answer tokens
+    answer_greedy: torch.Tensor  # (b,) bool: every answer token is the stock model's argmax
+
+
+def optimise_logits(model: torch.nn.Module, sites: Sequence[RouterSite], inputs: torch.Tensor, targets: torch.Tensor,
+                    scored: torch.Tensor, answer: torch.Tensor, *, eta: float, steps: int = 1, loss: str = "sum",
+                    grad: str = "paper", optimizer: str = "sgd", logits: str = "leaf") -> StepResult:
+    """T steps on the router logits of one batch (see the module docstring).
+
+    inputs, targets: (b, T) token ids; scored: (b, T) bool, the positions whose next-token NLL is the loss;
+    answer: (b, T) bool, the request's continuation (for the loglikelihood lm-eval gets back), a subset of scored.
+    """
+    transform = LeafLogits(dense=grad == "dense", live=logits == "live")
+    leaves, opt, losses = None, None, []
+    answer_logprob = answer_greedy = None
+    for step in range(steps):
+        with torch.enable_grad(), hooked_routers(sites, transform), _dense_experts(model, sites, transform):
+            logp, greedy, cols = target_logprobs(model, inputs, targets, scored)  # (b, P)
+            mask = scored[:, cols]
+            nll = -(logp * mask).sum(-1)  # (b,)
+            if loss == "mean":
+                nll = nll / mask.sum(-1)
+            total = nll.sum()
+            if step == 0:
+                ans = answer[:, cols]
+                answer_logprob = (logp * ans).sum(-1).detach()
+                answer_greedy = (greedy | ~ans).all(-1)
+                leaves = [transform.leaves[s.layer] for s in sites]
+                if optimizer == "adam":
+                    opt = torch.optim.Adam(leaves, lr=eta)
+            losses.append(float(total.detach()))
+            grads = torch.autograd.grad(total, leaves, allow_unused=True)
+        with torch.no_grad():
+            for leaf, g in zip(leaves, grads):
+                if g is None:
+                    continue  # a layer that cannot influence the loss
+                if opt is None:
+                    leaf -= eta * g
+                else:
+                    leaf.grad = g
+            if opt is not None:
+                opt.step()
+    return StepResult(
+        keys={s.layer: transform.keys[s.layer] for s in sites},
+        values={s.layer: transform.z_star(s.layer) for s in sites},
+        losses=losses, answer_logprob=answer_logprob, answer_greedy=answer_greedy,
+    )
