@@ -22,10 +22,6 @@ from .memory import write_json_atomic
 from .stats import BUCKETS, perplexity_buckets
 
 ABLATIONS = ("n", "k", "steps", "similarity", "ppl", "cost", "latency", "unlabelled")
-N_VALUES = (0, 10, 25, 50, 100, 200)
-K_VALUES = (1, 2, 4, 8)
-STEP_VALUES = (1, 2, 4)
-SIMILARITIES = ("rbf", "rbf_l2", "cosine")
 
 
 def run(runner, name: str) -> str:
@@ -65,19 +61,19 @@ def _top1(records: dict) -> dict:
 
 
 def _n(runner, benches):
-    return _sweep(runner, benches, "N", N_VALUES, lambda n: {"n": n}), "N", "Avg.", "line"
+    return _sweep(runner, benches, "N", runner.s.n_values, lambda n: {"n": n}), "N", "Avg.", "line"
 
 
 def _k(runner, benches):
-    return _sweep(runner, benches, "k", K_VALUES, lambda k: {"k": k}), "k", "Avg.", "line"
+    return _sweep(runner, benches, "k", runner.s.k_values, lambda k: {"k": k}), "k", "Avg.", "line"
 
 
 def _steps(runner, benches):
-    return _sweep(runner, benches, "T", STEP_VALUES, lambda t: {"build": {"steps": t}}), "T", "Avg.", "line"
+    return _sweep(runner, benches, "T", runner.s.step_values, lambda t: {"build": {"steps": t}}), "T", "Avg.", "line"
 
 
 def _similarity(runner, benches):
-    return _sweep(runner, benches, "similarity", SIMILARITIES, lambda s: {"similarity": s}), "similarity", "Avg.", "bar"
+    return _sweep(runner, benches, "similarity", runner.s.similarities, lambda s: {"similarity": s}), "similarity", "Avg.", "bar"
 
 
 def _ppl(runner, benches):
@@ -134,7 +130,7 @@ def _latency(runner, benches):
     rows = []
     zero_s, zero_mem = _timed(runner, benches, lambda b: runner.base)
     rows.append({"N": 0, "index": "none (zero-shot)", "eval s": zero_s, "× zero-shot": 1.0, "peak MiB": zero_mem})
-    for n in [v for v in N_VALUES if v > 0]:
+    for n in [v for v in runner.s.n_values if v != 0]:  # None: the whole reference set
         for index in ("exact", "ivfpq"):
             memories = {b.name: runner.memory(b, n=n) for b in benches}
             row = {"N": n, "index": index, "keys per layer (all benchmarks)": _keys(memories)}

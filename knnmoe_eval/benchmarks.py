@@ -45,7 +45,9 @@ SPLITS = {
     "mmlu": Split("cais/mmlu", "all", ("test",), ("auxiliary_train",), ref_size=10_000),
     "supergpqa": Split("m-a-p/SuperGPQA", None, ("train",), (), reference_share=3_000 / 26_529),
     "medqa": Split("GBaker/MedQA-USMLE-4-options-hf", None, ("test",), ("train",), test_size=1_073),
-    "medmcqa": Split("openlifescienceai/medmcqa", None, ("validation",), ("train",), ref_size=10_000),
+    # the whole train split: the paper's OLMoE cost tables (12.79 GB exact, 16 layers, 4,352 B per key) hold
+    # about 183k keys per layer, i.e. all 182,822 train questions at one answer token each (docs/tasks.md)
+    "medmcqa": Split("openlifescienceai/medmcqa", None, ("validation",), ("train",)),
     "mbpp": Split("google-research-datasets/mbpp", "full", ("prompt", "test", "validation"), ("train",)),
 }
 

@@ -133,7 +133,7 @@ class MemoryBuilder:
         o = self.opts
         result = optimise_logits(self.model, self.sites, inputs.to(device), targets.to(device), kept.to(device),
                                  answer.to(device), eta=o.eta, steps=o.steps, loss=o.loss, grad=o.grad,
-                                 optimizer=o.optimizer, logits=o.logits)
+                                 optimizer=o.optimizer)
         flat_kept = kept.reshape(-1).to(device)
         for site in self.sites:
             # fp16 as stored: half the shard's RAM, and the same numbers (any float -> fp16 rounds once)

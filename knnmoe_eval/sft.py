@@ -24,8 +24,8 @@ Training follows the paper's Table 15 where it is legible (AdamW, weight decay 0
 linearly to 0, LoRA alpha = r, no dropout, no bias; it trains with TRL, where the model's load-balancing loss
 is part of the objective, so we add `router_aux_loss_coef` x the model's own aux loss too). Also: gradient
 clipping at 1, model in eval mode (no dropout or router jitter, so the function trained is the one evaluated),
-data order a pure function of (seed, epoch). The paper's rank 32 and batch 16 are the runner's to pass;
-its learning rate and epoch count did not survive the text export.
+data order a pure function of (seed, epoch), rank 32 and batch 16 by default as the paper's; its learning rate
+and epoch count did not survive the text export.
 Checkpoints after each epoch under OUT/checkpoints (trainable tensors as safetensors, optimizer and RNG state
 loadable with weights_only=True, counters and history in state.json written last): a rerun resumes from the
 last one and ends with the same adapter, bit for bit, as an uninterrupted run. OUT/train.json, written last,
@@ -79,12 +79,19 @@ def _task_manager(tasks: list[str], include_path: str | None, metadata: dict | N
 
 
 def reference_requests(tasks: list[str], include_path: str | None = None, metadata: dict | None = None,
-                       limit: int | None = None) -> list:
-    """The lm-eval loglikelihood Instances of build tasks, one gold answer per document (else refused)."""
+                       limit: int | None = None, lm=None, prompt: dict | None = None) -> list:
+    """The lm-eval loglikelihood Instances of build tasks, one gold answer per document (else refused).
+
+    `prompt` holds lm-eval's prompt formatting (apply_chat_template, system_instruction, fewshot_as_multiturn),
+    applied with `lm`'s chat template as `simple_evaluate` would, so SFT trains on the prompts it is tested on."""
     loaded = _task_manager(list(tasks), include_path, metadata).load(list(tasks))["tasks"]  # groups flattened
+    prompt = dict(prompt or {})
+    chat = prompt.get("apply_chat_template")
+    if chat and lm is not None:
+        prompt.update(chat_template=lm.apply_chat_template, tokenizer_name=lm.tokenizer_name)
     requests = []
     for task in loaded.values():
-        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        task.build_all_requests(limit=limit, rank=0, world_size=1, **prompt)
         for inst in task.instances:
             if inst.request_type != "loglikelihood":
                 raise KnnMoeError(
@@ -250,9 +257,9 @@ def _check_out(out: Path, settings: dict) -> dict | None:
 # -- training --------------------------------------------------------------------------------------------------
 def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Literal["lora", "router"], *,
               include_path: str | None = None, metadata: dict | None = None, limit: int | None = None,
-              seed: int = 0, epochs: int = 3, lr: float | None = None, batch_size: int = 8, val_frac: float = 0.15,
-              lora_r: int = 8, device: str = "cpu", dtype: str = "float32", progress: bool = True,
-              stop_after_epochs: int | None = None) -> dict:
+              seed: int = 0, epochs: int = 3, lr: float | None = None, batch_size: int = 16, val_frac: float = 0.15,
+              lora_r: int = 32, device: str = "cpu", dtype: str = "float32", progress: bool = True,
+              prompt: dict | None = None, stop_after_epochs: int | None = None) -> dict:
     """Train (or resume, or reuse) an SFT baseline into `out`; returns the summary written to out/train.json.
 
     `stop_after_epochs` stops after that many epochs as an interruption would, leaving only the checkpoint
@@ -267,6 +274,7 @@ def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Litera
         pretrained=str(pretrained), tasks=list(tasks), method=method, include_path=include_path,
         metadata=metadata, limit=limit, seed=seed, epochs=epochs, lr=lr if lr is not None else DEFAULT_LR[method],
         batch_size=batch_size, val_frac=val_frac, lora_r=lora_r if method == "lora" else None, dtype=dtype,
+        prompt=prompt or {},
     )))
     if (done := _check_out(out, settings)) is not None:
         return done
@@ -275,7 +283,7 @@ def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Litera
     from peft import get_peft_model
 
     lm = HFLM(pretrained=pretrained, device=device, dtype=dtype, batch_size=batch_size)
-    train, val = split(tokenize(lm, reference_requests(tasks, include_path, metadata, limit)), val_frac, seed)
+    train, val = split(tokenize(lm, reference_requests(tasks, include_path, metadata, limit, lm, prompt)), val_frac, seed)
     pad_id = lm.tokenizer.pad_token_id or 0
     random.seed(seed)
     torch.manual_seed(seed)  # LoRA's A matrices are initialised from it: a resumed run rebuilds the same model

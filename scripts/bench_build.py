@@ -7,13 +7,20 @@ written). The baseline runs the same padded batches through forward + backward o
 the weights frozen and the gradient taken at the input embeddings: the least any gradient-based build must do.
 Goal: build >= 0.8x the baseline.
 
+`--peak-memory` instead measures the build step's peak resident memory on a tiny OLMoE with Qwen3's 151,936-token
+vocabulary, each variant in a fresh process: log-probabilities at the scored positions only (the build) against
+the full-vocabulary fp32 logits of the whole batch (what the build computed before).
+
     OMP_NUM_THREADS=2 python scripts/bench_build.py --quick
+    OMP_NUM_THREADS=2 python scripts/bench_build.py --peak-memory
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +64,46 @@ def forward_backward_seconds(model, reqs, batch_size: int) -> float:
     return time.perf_counter() - start
 
 
+def peak_memory_child(variant: str, batch: int, length: int, vocab: int) -> None:
+    """One build step in this (fresh) process; prints the growth of peak RSS over the loaded model, in MiB."""
+    from knnmoe_eval import gradient
+    from knnmoe_eval.families import find_routers
+    from knnmoe_eval.tiny import make_tiny_model
+
+    model = make_tiny_model("olmoe", vocab_size=vocab)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(4, vocab, (batch, length), generator=gen)
+    targets = torch.randint(4, vocab, (batch, length), generator=gen)
+    answer = torch.zeros(batch, length, dtype=torch.bool)
+    answer[:, -1] = True  # a one-token answer, as in every multiple-choice benchmark
+    if variant == "full-vocabulary logits":
+        def full(model, inputs, targets, needed):
+            logits = model(inputs).logits.float()  # (b, T, V)
+            logp = F.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            cols = torch.arange(inputs.shape[1])
+            return logp, logits.argmax(-1) == targets, cols
+
+        gradient.target_logprobs = full
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gradient.optimise_logits(model, find_routers(model), inputs, targets, answer, answer, eta=1.0)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+
+def peak_memory(batch: int, length: int, vocab: int) -> None:
+    rows = []
+    for variant in ("full-vocabulary logits", "scored positions only"):
+        out = subprocess.run([sys.executable, __file__, "--peak-memory-child", variant, "--batch-size", str(batch),
+                              "--context", str(length), "--vocab", str(vocab)], capture_output=True, text=True,
+                             check=True)
+        rows.append({"variant": variant, "peak MiB over the model": round(float(out.stdout.split()[-1]), 1)})
+    for row in rows:
+        row["ratio"] = round(row["peak MiB over the model"] / rows[0]["peak MiB over the model"], 3)
+    print(f"build step, batch {batch} x {length} tokens, vocabulary {vocab}, {torch.get_num_threads()} threads")
+    print(ratio_table(rows, ["variant", "peak MiB over the model", "ratio"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2)
@@ -67,7 +114,14 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("results/bench_build.json"))
     p.add_argument("--quick", action="store_true", help="4 requests of 56 tokens")
+    p.add_argument("--peak-memory", action="store_true", help="peak memory of the build step, before/after")
+    p.add_argument("--peak-memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, default=151_936, help="--peak-memory: vocabulary size (Qwen3's)")
     args = p.parse_args()
+    if args.peak_memory_child:
+        return peak_memory_child(args.peak_memory_child, args.batch_size, args.context, args.vocab)
+    if args.peak_memory:
+        return peak_memory(args.batch_size, args.context, args.vocab)
     if args.quick:
         args.requests, args.context = 4, 48
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import lm_eval
 import lm_eval.tasks
 
+from knnmoe_eval.options import default
 from knnmoe_eval.toy import train_or_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,8 +74,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / ".cache"), help="where the trained toy model is kept")
     parser.add_argument("--memories", default=str(ROOT / "memories"), help="where the demo's memories are written")
     parser.add_argument("--out", default=str(ROOT / "results"), help="where demo.json and demo.png go")
-    parser.add_argument("--eta", type=float, default=100.0,
-                        help="step size of the memory build (this toy: paper +5 points at 10 and 100, dense +11 at 10, +31 at 100)")
+    parser.add_argument("--eta", type=float, default=default("eta"),
+                        help="step size of the memory build (default: hf-knnmoe's)")
     parser.add_argument("--k", type=int, default=1)
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)

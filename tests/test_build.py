@@ -27,6 +27,31 @@ def builder(model, tmp_path, **opts):
     return MemoryBuilder(model, find_routers(model), signature(model), options)
 
 
+def test_positions_all_stores_every_position_scored_on_its_own_next_token(tmp_path):
+    """positions=all keeps every position after the first, and each one's value is the step on the summed NLL of
+    every kept position's own target (not of the answer alone)."""
+    from knnmoe_eval.gradient import optimise_logits
+
+    model = make_tiny_model("olmoe")
+    seq = sequences(1)[0]
+    b = builder(model, tmp_path, positions="all")
+    b.run([seq], pad_id=0, batch_size=1)
+    b.finalize()
+    memory = load_memory(tmp_path / "mem")
+    n = len(seq.tokens)
+    inputs, targets = torch.tensor([seq.tokens]), torch.tensor([seq.targets])
+    every = torch.arange(n)[None] >= 1
+    answer = torch.arange(n)[None] >= n - seq.n_cont
+    sites = find_routers(model)
+    ref = optimise_logits(model, sites, inputs, targets, every, answer, eta=b.opts.eta)
+    answer_only = optimise_logits(model, sites, inputs, targets, answer, answer, eta=b.opts.eta)
+    for site in sites:
+        stored = memory.layers[site.layer].values
+        assert stored.shape[0] == n - 1
+        assert torch.equal(stored, ref.values[site.layer][1:])
+        assert not torch.allclose(stored, answer_only.values[site.layer][1:])  # context targets count too
+
+
 @pytest.mark.parametrize("optimizer, eta", [("sgd", 0.5), ("adam", 0.05)])
 def test_more_steps_with_a_small_eta_lower_the_reference_loss(tmp_path, optimizer, eta):
     model = make_tiny_model("olmoe")
@@ -114,3 +139,15 @@ def test_bad_build_input(tmp_path):
     b.finalize()
     with pytest.raises(KnnMoeError, match="already holds a complete memory"):
         builder(model, tmp_path / "x")
+    with pytest.raises(KnnMoeError, match="loss='median'.*choose sum or mean"):
+        KnnMoeOptions(memory="m", loss="median")
+
+
+def test_manifest_records_the_build_settings(tmp_path):
+    model = make_tiny_model("olmoe")
+    b = builder(model, tmp_path, loss="mean", eta=3.0)
+    b.run(sequences(2), pad_id=0, batch_size=2)
+    b.finalize()
+    build = load_memory(tmp_path / "mem").manifest["build"]
+    assert {k: build[k] for k in ("eta", "steps", "loss", "grad", "optimizer", "positions")} == dict(
+        eta=3.0, steps=1, loss="mean", grad="paper", optimizer="sgd", positions="answer")

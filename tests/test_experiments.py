@@ -73,10 +73,8 @@ def ablation_out(tmp_path_factory):
 @pytest.mark.parametrize("name", ablations.ABLATIONS)
 def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, monkeypatch):
     tmp_path = ablation_out
-    monkeypatch.setattr(ablations, "N_VALUES", (0, 32, 40))
-    monkeypatch.setattr(ablations, "K_VALUES", (1, 2))
-    monkeypatch.setattr(ablations, "STEP_VALUES", (1, 2))
-    runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense"))
+    runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
+                                 step_values=(1, 2)))
     markdown = ablations.run(runner, name)
     rows = json.loads((tmp_path / "ablations" / f"{name}.json").read_text())["rows"]
     assert (tmp_path / "ablations" / f"{name}.png").stat().st_size > 1000
