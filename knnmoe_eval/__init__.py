@@ -9,13 +9,12 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "attach": "knnmoe_eval.retrieval",
-    "Retriever": "knnmoe_eval.retrieval",
-    "KnnMoeOptions": "knnmoe_eval.options",
-    "BuildOptions": "knnmoe_eval.options",
-    "Memory": "knnmoe_eval.memory",
-    "load_memory": "knnmoe_eval.memory",
-    "write_memory": "knnmoe_eval.memory",
+    "attach": "knnmoe_eval.core.retrieval",
+    "Retriever": "knnmoe_eval.core.retrieval",
+    "KnnMoeOptions": "knnmoe_eval.core.options",
+    "Memory": "knnmoe_eval.core.memory",
+    "load_memory": "knnmoe_eval.core.memory",
+    "write_memory": "knnmoe_eval.core.memory",
     "KnnMoeError": "knnmoe_eval.errors",
 }
 

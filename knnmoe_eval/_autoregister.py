@@ -13,7 +13,7 @@ import sys
 
 _WATCHED = "lm_eval.api.registry"
 MODEL_NAME = "hf-knnmoe"
-MODEL_TARGET = "knnmoe_eval.lm:KnnMoeLM"
+MODEL_TARGET = "knnmoe_eval.harness.lm:KnnMoeLM"
 
 
 def register() -> None:

@@ -35,7 +35,7 @@ from bench_overhead import WIDE, make_lm, n_tokens, ratio_table, requests, wide_
 
 def forward_backward_seconds(model, reqs, batch_size: int) -> float:
     """Forward + backward of the continuation NLL on the same batches, weights frozen, grad at the embeddings."""
-    from knnmoe_eval.tiny import make_tokenizer
+    from knnmoe_eval.testing import make_tokenizer
 
     tok = make_tokenizer()
     for p in model.parameters():
@@ -66,9 +66,9 @@ def forward_backward_seconds(model, reqs, batch_size: int) -> float:
 
 def peak_memory_child(variant: str, batch: int, length: int, vocab: int) -> None:
     """One build step in this (fresh) process; prints the growth of peak RSS over the loaded model, in MiB."""
-    from knnmoe_eval import gradient
-    from knnmoe_eval.families import find_routers
-    from knnmoe_eval.tiny import make_tiny_model
+    from knnmoe_eval.core import gradient
+    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.testing import make_tiny_model
 
     model = make_tiny_model("olmoe", vocab_size=vocab)
     for p in model.parameters():

@@ -55,10 +55,10 @@ def exact_neighbours(keys: torch.Tensor, queries: torch.Tensor, chunk: int = 65_
 
 
 def wide_figures(args) -> list[dict]:
-    from knnmoe_eval import index as knn_index
-    from knnmoe_eval.memory import load_memory
-    from knnmoe_eval.options import KnnMoeOptions
-    from knnmoe_eval.retrieval import Retriever
+    from knnmoe_eval.core import index as knn_index
+    from knnmoe_eval.core.memory import load_memory
+    from knnmoe_eval.core.options import KnnMoeOptions
+    from knnmoe_eval.core.retrieval import Retriever
 
     model = wide_model(layers=1)
     shape = (args.tokens // 128 or 1, min(128, args.tokens))
@@ -69,8 +69,8 @@ def wide_figures(args) -> list[dict]:
         captured["q"] = h.detach().float().clone()
         return z
 
-    from knnmoe_eval.families import find_routers
-    from knnmoe_eval.hooks import hooked_routers
+    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.hooks import hooked_routers
 
     with torch.no_grad():
         with hooked_routers(find_routers(model), capture):
@@ -122,7 +122,7 @@ def toy_figures(args) -> list[dict]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from knnmoe_eval import toy
+    from knnmoe_eval.experiments import toy
 
     toy_dir = toy.train_or_load(args.toy_cache, progress=False)
     tm = TaskManager(include_path=str(REPO / "tasks" / "toy"), metadata={"toy_dir": str(toy_dir)})
@@ -146,7 +146,7 @@ def toy_figures(args) -> list[dict]:
         if args.prune or args.dedup:
             from transformers import AutoModelForCausalLM
 
-            from knnmoe_eval.prune import prune_memory
+            from knnmoe_eval.core.prune import prune_memory
 
             model = AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float32)
             settings = [(c, None) for c in args.prune] + [(None, r) for r in args.dedup]
@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--no-toy", dest="toy", action="store_false")
     p.add_argument("--toy-cache", type=Path, default=REPO / ".cache" / "toy")
     p.add_argument("--prune", type=float, nargs="*", default=[0.05, 0.2],
-                   help="toy memory pruned with these min_change values (knnmoe_eval.prune), evaluated exact")
+                   help="toy memory pruned with these min_change values (knnmoe_eval.core.prune), evaluated exact")
     p.add_argument("--dedup", type=float, nargs="*", default=[0.5], help="toy memory pruned with these dedup radii")
     p.add_argument("--no-wide", dest="wide", action="store_false", help="toy demo figures only")
     p.add_argument("--toy-positions", default="answer", help="positions=... of the toy memory build")

@@ -27,17 +27,17 @@ import torch
 
 def model(d: int, experts: int, layers: int):
     """An OLMoE with the real router shape and negligible expert weights (the merge never runs the model)."""
-    from knnmoe_eval.tiny import make_tiny_model
+    from knnmoe_eval.testing import make_tiny_model
 
     return make_tiny_model("olmoe", num_hidden_layers=layers, hidden_size=d, intermediate_size=8, num_experts=experts,
                            num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16, head_dim=d // 16)
 
 
 def builder(out: Path, args):
-    from knnmoe_eval.build import MemoryBuilder
-    from knnmoe_eval.families import find_routers
-    from knnmoe_eval.memory import model_signature
-    from knnmoe_eval.options import KnnMoeOptions
+    from knnmoe_eval.core.build import MemoryBuilder
+    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.options import KnnMoeOptions
+    from knnmoe_eval.core.signature import model_signature
 
     m = model(args.d, args.experts, args.layers)
     sites = find_routers(m)
@@ -45,8 +45,8 @@ def builder(out: Path, args):
 
 
 def write_partial_build(out: Path, args) -> None:
-    from knnmoe_eval.build import BUILD_STATE
-    from knnmoe_eval.memory import save_tensors_atomic, write_json_atomic
+    from knnmoe_eval.core.build import BUILD_STATE
+    from knnmoe_eval.core.files import save_tensors_atomic, write_json_atomic
 
     b = builder(out, args)
     out.mkdir(parents=True)

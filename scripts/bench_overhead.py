@@ -3,7 +3,7 @@
 The model has OLMoE-1B-7B's layer shape (hidden 2048, 64 experts of width 1024, top-8) with random weights and
 2 layers. Both sides are lm-eval LM objects given the same model instance and the same loglikelihood requests,
 so they run the same code path and differ only by the routers' kNN hook. Memories hold random clustered keys
-(timing does not depend on their content) written with `knnmoe_eval.memory.write_memory`; their trained indexes
+(timing does not depend on their content) written with `knnmoe_eval.core.memory.write_memory`; their trained indexes
 are saved inside them, so the timed runs exclude training. `hf` is timed right before and right after each kNN
 run and the mean of the two is that run's baseline (the load of a shared machine drifts between runs).
 
@@ -30,7 +30,7 @@ WIDE = dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_expert
 
 
 def wide_model(layers: int = 2):
-    from knnmoe_eval.tiny import make_tiny_model
+    from knnmoe_eval.testing import make_tiny_model
 
     return make_tiny_model("olmoe", num_hidden_layers=layers, max_position_embeddings=1024, **WIDE)
 
@@ -56,8 +56,9 @@ def synthetic_keys(n: int, d: int, seed: int = 0, draw: int | None = None, chunk
 
 
 def random_memory(path: Path, model, n: int, seed: int = 0) -> Path:
-    from knnmoe_eval.families import find_routers
-    from knnmoe_eval.memory import model_signature, write_memory
+    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.memory import write_memory
+    from knnmoe_eval.core.signature import model_signature
 
     sig = model_signature(model, find_routers(model))
     keys = {l: synthetic_keys(n, sig["hidden_size"], seed + l) for l in sig["moe_layers"]}
@@ -86,8 +87,8 @@ def make_lm(model, batch_size: int, **knn):
     import lm_eval.models  # noqa: F401  (registers `hf` before ours)
     from lm_eval.models.huggingface import HFLM
 
-    from knnmoe_eval.lm import KnnMoeLM
-    from knnmoe_eval.tiny import make_tokenizer
+    from knnmoe_eval.harness.lm import KnnMoeLM
+    from knnmoe_eval.testing import make_tokenizer
 
     cls = KnnMoeLM if knn else HFLM
     return cls(pretrained=model, tokenizer=make_tokenizer(), batch_size=batch_size, max_length=1024, **knn)

@@ -1,6 +1,6 @@
 """The offline toy demo, end to end through lm-eval: the README's main command (`make demo`).
 
-1. train (or load from .cache/) the toy MoE of `knnmoe_eval.toy`: training domains plus a shifted domain whose
+1. train (or load from .cache/) the toy MoE of `knnmoe_eval.experiments.toy`: training domains plus a shifted domain whose
    answers the experts know but the router does not send the tokens to;
 2. build kNN-MoE memories through lm-eval from the shifted domain's reference split (`knnmoe_toy_shift_ref`),
    with the paper's gradient and with `grad=dense`;
@@ -18,8 +18,8 @@ from pathlib import Path
 import lm_eval
 import lm_eval.tasks
 
-from knnmoe_eval.options import default
-from knnmoe_eval.toy import train_or_load
+from knnmoe_eval.core.options import default
+from knnmoe_eval.experiments.toy import train_or_load
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["knnmoe_toy_shift", "knnmoe_toy_indomain"]

@@ -1,4 +1,4 @@
-"""Diagnostic for the toy domain shift (knnmoe_eval.toy): is it real, and can routing alone fix it?
+"""Diagnostic for the toy domain shift (knnmoe_eval.experiments.toy): is it real, and can routing alone fix it?
 
 Prints, for the cached toy model:
   1. stock accuracy through lm-eval (`simple_evaluate(model="hf")`) on knnmoe_toy_indomain and knnmoe_toy_shift;
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from knnmoe_eval import toy
+from knnmoe_eval.experiments import toy
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks" / "toy"
 

@@ -2,14 +2,15 @@
 
 import pytest
 import torch
+from conftest import signature
 from safetensors.torch import load_file, save_file
 
-from conftest import signature
 from knnmoe_eval import KnnMoeError, KnnMoeOptions
-from knnmoe_eval.build import MemoryBuilder, tokenize_request
-from knnmoe_eval.families import find_routers
-from knnmoe_eval.memory import load_memory, sha256_file
-from knnmoe_eval.tiny import make_tiny_model
+from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
+from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.files import sha256_file
+from knnmoe_eval.core.memory import load_memory
+from knnmoe_eval.testing import make_tiny_model
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -30,7 +31,7 @@ def builder(model, tmp_path, **opts):
 def test_positions_all_stores_every_position_scored_on_its_own_next_token(tmp_path):
     """positions=all keeps every position after the first, and each one's value is the step on the summed NLL of
     every kept position's own target (not of the answer alone)."""
-    from knnmoe_eval.gradient import optimise_logits
+    from knnmoe_eval.core.gradient import optimise_logits
 
     model = make_tiny_model("olmoe")
     seq = sequences(1)[0]

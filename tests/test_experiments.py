@@ -5,12 +5,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from knnmoe_eval import ablations, toy
-from knnmoe_eval.experiments import Runner, Settings, main, table
-from knnmoe_eval.tiny import save_tiny
-
 from test_toy import SMALL
+
+from knnmoe_eval.experiments import ablations, toy
+from knnmoe_eval.experiments.cli import main
+from knnmoe_eval.experiments.runner import Runner, Settings, table
+from knnmoe_eval.testing import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (IVFPQ)", "kNN-MoE (Selective)",
@@ -48,14 +48,14 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
         raise AssertionError("a finished piece was recomputed")
 
     monkeypatch.setattr(Runner, "_evaluate", refuse)
-    monkeypatch.setattr("knnmoe_eval.sft.train_sft", lambda *a, **k: None)
+    monkeypatch.setattr("knnmoe_eval.experiments.sft.train_sft", lambda *a, **k: None)
     again = table(Runner(toy_settings(toy_dir, tmp_path)))
     assert again["table"] == cells
 
 
 def test_changed_settings_recompute_only_what_they_touch(toy_dir, tmp_path):
     runner = Runner(toy_settings(toy_dir, tmp_path))
-    from knnmoe_eval.experiments import BENCHMARKS
+    from knnmoe_eval.experiments.runner import BENCHMARKS
 
     bench = BENCHMARKS["toy_shift"]
     first = runner.knn(bench, k=1)
@@ -95,7 +95,7 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, 
 
 
 def runner_bench(name):
-    from knnmoe_eval.experiments import BENCHMARKS
+    from knnmoe_eval.experiments.runner import BENCHMARKS
 
     return BENCHMARKS[name]
 

@@ -3,8 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.families import FAMILIES, find_routers
-from knnmoe_eval.tiny import make_tiny_model
+from knnmoe_eval.core.families import FAMILIES, find_routers
+from knnmoe_eval.testing import make_tiny_model
 
 
 def test_gating_matches_stock_router_bit_for_bit(family):

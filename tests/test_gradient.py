@@ -11,10 +11,10 @@ import types
 import pytest
 import torch
 
-from knnmoe_eval.families import find_routers
-from knnmoe_eval.gradient import LeafLogits, optimise_logits
-from knnmoe_eval.hooks import hooked_routers
-from knnmoe_eval.tiny import make_tiny_model
+from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.gradient import LeafLogits, optimise_logits
+from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.testing import make_tiny_model
 
 LAYERS = 4
 

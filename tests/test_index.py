@@ -6,14 +6,14 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from conftest import router_inputs, write_constant_memory
 from safetensors.torch import load_file, save_file
 
-from conftest import router_inputs, write_constant_memory
 from knnmoe_eval import attach
-from knnmoe_eval import index as knn_index
+from knnmoe_eval.core import index as knn_index
+from knnmoe_eval.core.options import KnnMoeOptions
 from knnmoe_eval.errors import KnnMoeError
-from knnmoe_eval.options import KnnMoeOptions
-from knnmoe_eval.tiny import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -105,7 +105,7 @@ def test_self_retrieval_through_an_approximate_index_is_confident(tmp_path, name
 
 
 def test_exact_search_that_would_dominate_is_reported_once(caplog):
-    with caplog.at_level(logging.WARNING, logger="knnmoe_eval.index"):
+    with caplog.at_level(logging.WARNING, logger="knnmoe_eval.core.index"):
         knn_index.warn_if_exact_dominates("mem-small", 1000, 64, layer_macs=10**6)
         knn_index.warn_if_exact_dominates("mem-big", 100_000, 2048, layer_macs=67 * 10**6)
         knn_index.warn_if_exact_dominates("mem-big", 100_000, 2048, layer_macs=67 * 10**6)

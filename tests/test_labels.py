@@ -8,8 +8,9 @@ import pytest
 from lm_eval.tasks import TaskManager
 from safetensors.torch import load_file
 
-from knnmoe_eval import KnnMoeError, KnnMoeOptions, toy
-from knnmoe_eval.labels import make_labels, read_labels, ref_task_name, summary_path
+from knnmoe_eval import KnnMoeError, KnnMoeOptions
+from knnmoe_eval.experiments import toy
+from knnmoe_eval.harness.labels import make_labels, read_labels, ref_task_name, summary_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS, TOY_TASKS, DATA = ROOT / "tasks", ROOT / "tasks" / "toy", ROOT / "tests" / "fixtures" / "data"

@@ -10,12 +10,12 @@ import lm_eval
 import lm_eval.tasks
 import pytest
 import torch
-
 from conftest import TASKS
-from knnmoe_eval import KnnMoeError
-from knnmoe_eval.families import find_routers
-from knnmoe_eval.memory import model_signature, write_memory
 
+from knnmoe_eval import KnnMoeError
+from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.memory import write_memory
+from knnmoe_eval.core.signature import model_signature
 
 _TASK_MANAGER = []
 
@@ -77,7 +77,7 @@ def test_build_mode_refuses_tasks_that_are_not_build_tasks(olmoe_dir, tmp_path, 
 def test_unsupported_family_is_refused_at_load(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from knnmoe_eval.tiny import make_tokenizer
+    from knnmoe_eval.testing import make_tokenizer
 
     cfg = LlamaConfig(vocab_size=260, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=2)

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from knnmoe_eval.mixing import mix, similarity
+from knnmoe_eval.core.mixing import mix, similarity
 
 
 def test_two_key_memory_matches_the_formula_by_hand():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import empty_keys, router_inputs, signature, write_constant_memory
+
 from knnmoe_eval import attach
-from knnmoe_eval.families import find_routers
-from knnmoe_eval.hooks import hooked_routers
-from knnmoe_eval.tiny import make_tiny_model
+from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.testing import make_tiny_model
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 

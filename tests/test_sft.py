@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import TASKS
 from safetensors.torch import load_file
 
-from conftest import TASKS
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.families import find_routers
-from knnmoe_eval.sft import reference_requests, split, tokenize, train_sft
-from knnmoe_eval.tiny import save_tiny
+from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.experiments.sft import reference_requests, split, tokenize, train_sft
+from knnmoe_eval.testing import save_tiny
 
 LR = 1e-2  # tiny random models: a large step makes a 3-epoch run on 10 documents move the loss clearly
 
@@ -167,7 +167,7 @@ def test_bad_method_and_foreign_output_dir_are_refused(model_dir, tmp_path):
 
 
 def test_split_is_seeded_disjoint_and_refuses_empty():
-    from knnmoe_eval.build import tokenize_request
+    from knnmoe_eval.core.build import tokenize_request
 
     seqs = [tokenize_request(("t", i, 0), [1, 5], [6, 7], 64) for i in range(20)]
     train, val = split(seqs, 0.15, seed=0)
@@ -181,7 +181,7 @@ def test_split_is_seeded_disjoint_and_refuses_empty():
 
 
 def test_cli_prints_the_summary(trained, capsys):
-    from knnmoe_eval.sft import main
+    from knnmoe_eval.experiments.sft import main
 
     pretrained, out, summary = trained("olmoe", "router")
     main(["--pretrained", pretrained, "--tasks", "tinyqa_ref", "--method", "router", "--out", str(out),

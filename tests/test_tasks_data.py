@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from knnmoe_eval import benchmarks as B
+from knnmoe_eval.benchmarks.data import data as B
 from knnmoe_eval.errors import KnnMoeError
 
 DATA = Path(__file__).parent / "fixtures" / "data"
@@ -73,7 +73,7 @@ def test_gpqa_option_order_is_pure_seeded_and_varied():
     first, again = sets("gpqa"), sets("gpqa")
     assert first == again
     code = (
-        "import json; from knnmoe_eval.benchmarks import split_sets; "
+        "import json; from knnmoe_eval.benchmarks.data import split_sets; "
         f"print(json.dumps(split_sets('gpqa', data_dir={str(DATA)!r})[0]))"
     )
     for hash_seed in ("1", "2"):

@@ -12,7 +12,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
-from knnmoe_eval import benchmarks as B
+from knnmoe_eval.benchmarks.data import data as B
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "fixtures" / "data"
@@ -61,7 +61,7 @@ def test_mbpp_pass_at_1_end_to_end(monkeypatch):
 
 
 def test_lm_eval_cli_runs_knnmoe_test_with_hf_offline(tmp_path):
-    from knnmoe_eval.tiny import save_tiny
+    from knnmoe_eval.testing import save_tiny
 
     model = save_tiny("olmoe", tmp_path / "model")
     command = [

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from knnmoe_eval import toy
+from knnmoe_eval.experiments import toy
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks" / "toy"
 TOY_TASKS = ("knnmoe_toy_indomain", "knnmoe_toy_shift", "knnmoe_toy_shift_ref")

@@ -1,6 +1,6 @@
-"""Data loading for the knnmoe_toy tasks: everything lives in knnmoe_eval.toy; this file is what `!function` sees."""
+"""Data loading for the knnmoe_toy tasks: everything lives in knnmoe_eval.experiments.toy; this file is what `!function` sees."""
 
-from knnmoe_eval.toy import hf_dataset
+from knnmoe_eval.experiments.toy import hf_dataset
 
 
 def load_toy(**kwargs):

@@ -166,7 +166,7 @@ def generate_splits(config: ToyConfig) -> dict[str, list[dict]]:
 
 
 def make_model_config(config: ToyConfig):
-    from knnmoe_eval.tiny import tiny_config
+    from knnmoe_eval.testing import tiny_config
 
     return tiny_config(
         "olmoe",
@@ -224,7 +224,7 @@ def train(config: ToyConfig, train_texts: list[str], progress: bool = True):
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from knnmoe_eval.tiny import make_tokenizer
+    from knnmoe_eval.testing import make_tokenizer
 
     torch.manual_seed(config.seed)
     tokenizer = make_tokenizer()
@@ -285,7 +285,7 @@ def find_toy_dir(toy_dir: str | None = None, pretrained: str | None = None) -> P
         if isinstance(candidate, (str, Path)) and is_toy_dir(candidate):
             return Path(candidate)
     raise KnnMoeError(
-        f"the knnmoe_toy tasks need a toy directory made by knnmoe_eval.toy.train_or_load (with {MANIFEST}); got"
+        f"the knnmoe_toy tasks need a toy directory made by knnmoe_eval.experiments.toy.train_or_load (with {MANIFEST}); got"
         f" toy_dir={toy_dir!r}, pretrained={pretrained!r}. Pass --model_args pretrained=<toy dir> or"
         """ --metadata '{"toy_dir": "<toy dir>"}'."""
     )

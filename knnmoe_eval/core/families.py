@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 
 Gate = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

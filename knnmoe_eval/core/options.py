@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 from .mixing import SIMILARITIES
 
 Mode = Literal["eval", "build"]
@@ -43,7 +43,7 @@ class KnnMoeOptions:
     optimizer: str = _help("sgd (the paper's plain steps) | adam (beyond the paper; for steps > 1)", default="sgd")
     positions: str = _help("answer: positions whose next token is in the gold continuation | all: every position after the first, each scored on its own next token (the paper's every time step)", default="answer")
     shard_tokens: int = _help("build: flush a shard to disk every this many stored positions (resume granularity)", default=50_000)
-    labels: str | None = _help("build: teacher-force the answers of this labels file (python -m knnmoe_eval.labels) instead of gold", default=None)
+    labels: str | None = _help("build: teacher-force the answers of this labels file (python -m knnmoe_eval.harness.labels) instead of gold", default=None)
 
     def __post_init__(self):
         def bad(name, why):
@@ -80,12 +80,12 @@ class KnnMoeOptions:
         if self.labels is not None and self.mode != "build":
             bad("labels", "labels are read by mode=build only; drop labels= to evaluate with a memory")
         if self.labels is not None and not os.path.isfile(self.labels):
-            bad("labels", "no such file; write one with python -m knnmoe_eval.labels")
+            bad("labels", "no such file; write one with python -m knnmoe_eval.harness.labels")
 
     @property
     def build_settings(self) -> dict:
         """What a built memory records about how it was built (labels: null = gold answers)."""
-        from .labels import describe
+        from .build import describe
 
         settings = {n: getattr(self, n) for n in ("eta", "steps", "loss", "grad", "optimizer", "positions")}
         return {**settings, "labels": None if self.labels is None else describe(self.labels)}

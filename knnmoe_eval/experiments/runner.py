@@ -14,7 +14,6 @@ changed settings recompute only the pieces they affect.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -23,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KnnMoeError
-from .memory import write_json_atomic
-from .options import default
-from .stats import lowest_fraction, paired_bootstrap
+from ..benchmarks.data import SPLITS
+from ..core.files import write_json_atomic
+from ..core.options import default
+from ..errors import KnnMoeError
+from .significance import lowest_fraction, paired_bootstrap
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DENSE = {"grad": "dense"}  # the build settings of the `grad=dense` rows
 
 
@@ -59,8 +59,7 @@ def _paper(name: str, mc: bool = True) -> Benchmark:
 
 
 BENCHMARKS = {
-    **{b: _paper(b) for b in ("gpqa", "medqa", "medmcqa", "mmlu", "supergpqa")},
-    "mbpp": _paper("mbpp", mc=False),
+    **{name: _paper(name, split.multiple_choice) for name, split in SPLITS.items()},
     # The toy's context window (64 positions) cannot hold five examples, so it has no 5-shot task.
     "toy_shift": Benchmark("toy_shift", ref="knnmoe_toy_shift_ref", test="knnmoe_toy_shift",
                            ref_mc="knnmoe_toy_shift_ref_mc"),
@@ -69,46 +68,53 @@ BENCHMARKS = {
 }
 
 
+def _opt(default, help: str, **kw):
+    """A setting's default and its --help line (the command line is generated from these, as peft's configs)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass(frozen=True)
 class Settings:
-    pretrained: str
-    out: str = "results/experiments"
-    benchmarks: tuple[str, ...] = ("toy_shift",)
-    scoring: str = "loglik"  # loglik: multiple-choice loglikelihood; gen: generation + answer parsing (paper)
-    limit: int | None = None  # test items per benchmark
-    ref_limit: int | None = None  # reference items per benchmark (N)
-    include_path: str = str(TASKS_DIR)
-    metadata: dict = field(default_factory=dict)
-    device: str = "cpu"
-    dtype: str = "auto"
-    batch_size: int = 32
-    parallelize: bool = False  # shard a model too large for one GPU over all visible GPUs (hf's parallelize=True)
-    eta: float = default("eta")  # the build's defaults are hf-knnmoe's (options.py), never restated here
-    k: int = default("k")
-    steps: int = default("steps")
-    # lm-eval's prompt formatting, passed to every method's runs, builds and SFT data alike
-    apply_chat_template: bool | str = False
-    system_instruction: str | None = None
-    fewshot_as_multiturn: bool = False
-    # the paper's Table 15 (AdamW, weight decay 0.01, linear decay and alpha = r are sft.py's own)
-    sft_epochs: int = 3
-    sft_batch_size: int = 16
-    lora_r: int = 32
-    lora_lr: float | None = None  # None: sft.DEFAULT_LR
-    router_lr: float | None = None
-    selective_fraction: float = 1 / 3
-    bootstrap: int = 1000
-    seed: int = 0
-    allow_code_execution: bool = False
-    gen_kwargs: str | None = None  # overrides the generative tasks' generation_kwargs, e.g. max_gen_toks=64
-    judge: str | None = None  # labeller for the unlabelled ablation: knn-dense | lm-eval "MODEL:ARGS"
-    cache: str = ".cache"
-    # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md). None in
-    # n_values is the whole reference set.
-    n_values: tuple[int | None, ...] = (0, 1_000, 10_000, None)
-    k_values: tuple[int, ...] = (1, 2, 4, 8)
-    step_values: tuple[int, ...] = (1, 2, 4)
-    similarities: tuple[str, ...] = ("rbf", "rbf_l2", "cosine")
+    pretrained: str = _opt(None, "model path or hub id; 'toy' trains (or loads) the toy MoE", required=True)
+    out: str = _opt("results/experiments", "where memories, adapters, per-item scores and tables are written")
+    benchmarks: tuple[str, ...] = _opt(("toy_shift",), "benchmarks, comma-separated")
+    scoring: str = _opt("loglik", "loglik: multiple-choice loglikelihood; gen: generation + answer parsing (paper)",
+                        choices=("loglik", "gen"))
+    limit: int | None = _opt(None, "test items per benchmark")
+    ref_limit: int | None = _opt(None, "references per benchmark (N); default: the benchmark's reference set")
+    include_path: str = _opt(str(TASKS_DIR), "lm-eval --include_path of the tasks")
+    metadata: dict = _opt({}, 'JSON passed to the tasks, e.g. \'{"data_dir": "..."}\'')
+    device: str = _opt("cpu", "lm-eval device")
+    dtype: str = _opt("auto", "model dtype")
+    batch_size: int = _opt(32, "lm-eval batch size of every run")
+    parallelize: bool = _opt(False, "shard a model too large for one GPU over all visible GPUs (hf's parallelize)")
+    # the build's defaults are hf-knnmoe's (options.py), never restated here
+    eta: float = _opt(default("eta"), f"build step size (hf-knnmoe's default {default('eta'):g})")
+    k: int = _opt(default("k"), "neighbours per token and layer")
+    steps: int = _opt(default("steps"), "build gradient steps T")
+    apply_chat_template: bool | str = _opt(False, "as lm_eval's: format every method's prompts (runs, builds, SFT "
+                                           "data) with the model's chat template (or the named one)", nargs="?")
+    system_instruction: str | None = _opt(None, "as lm_eval's, for every method")
+    fewshot_as_multiturn: bool = _opt(False, "as lm_eval's, for every method")
+    sft_epochs: int = _opt(3, "SFT epochs (the paper's count is lost)")
+    sft_batch_size: int = _opt(16, "SFT batch size (the paper's Table 15)")
+    lora_r: int = _opt(32, "LoRA rank, alpha = r (the paper's Table 15)")
+    lora_lr: float | None = _opt(None, "LoRA SFT learning rate (default sft.DEFAULT_LR; toy: 3e-3)")
+    router_lr: float | None = _opt(None, "router-only SFT learning rate (default sft.DEFAULT_LR; toy: 3e-2)")
+    selective_fraction: float = _opt(1 / 3, "Selective: share of lowest-perplexity test items without retrieval")
+    bootstrap: int = _opt(1000, "paired bootstrap resamples")
+    seed: int = _opt(0, "seed of lm-eval, SFT and the bootstrap")
+    allow_code_execution: bool = _opt(False, "run MBPP's generated code (also needs HF_ALLOW_CODE_EVAL=1)")
+    gen_kwargs: str | None = _opt(None, "override the generative tasks' generation settings, e.g. max_gen_toks=64")
+    judge: str | None = _opt(None, "unlabelled ablation's labeller: knn-dense, or an lm-eval model spec MODEL:ARGS")
+    cache: str = _opt(".cache", "where the toy model is cached")
+    # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md)
+    n_values: tuple[int | None, ...] = _opt((0, 1_000, 10_000, None), "N ablation grid; 'all' = the whole reference set")
+    k_values: tuple[int, ...] = _opt((1, 2, 4, 8), "k ablation grid")
+    step_values: tuple[int, ...] = _opt((1, 2, 4), "T ablation grid")
+    similarities: tuple[str, ...] = _opt(("rbf", "rbf_l2", "cosine"), "similarity ablation grid")
 
     def __post_init__(self):
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
@@ -124,7 +130,7 @@ class Runner:
     def __init__(self, settings: Settings):
         import lm_eval.tasks
 
-        self.s = settings
+        self.settings = settings
         self.out = Path(settings.out)
         self.pretrained = settings.pretrained
         metadata = dict(settings.metadata)
@@ -143,8 +149,8 @@ class Runner:
     @property
     def prompt_format(self) -> dict:
         """lm-eval's prompt-formatting arguments, as `simple_evaluate` takes them."""
-        return {"apply_chat_template": self.s.apply_chat_template, "system_instruction": self.s.system_instruction,
-                "fewshot_as_multiturn": self.s.fewshot_as_multiturn}
+        return {"apply_chat_template": self.settings.apply_chat_template, "system_instruction": self.settings.system_instruction,
+                "fewshot_as_multiturn": self.settings.fewshot_as_multiturn}
 
     # -- models --------------------------------------------------------------------------------------------------
     @property
@@ -153,77 +159,78 @@ class Runner:
         if self._base is None:
             from lm_eval.models.huggingface import HFLM
 
-            self._base = HFLM(pretrained=self.pretrained, device=self.s.device, dtype=self.s.dtype,
-                              batch_size=self.s.batch_size, parallelize=self.s.parallelize)
+            self._base = HFLM(pretrained=self.pretrained, device=self.settings.device, dtype=self.settings.dtype,
+                              batch_size=self.settings.batch_size, parallelize=self.settings.parallelize)
         return self._base
 
     def knn_lm(self, memory: Path, **options):
-        from .lm import KnnMoeLM
+        from ..harness.lm import KnnMoeLM
 
-        return KnnMoeLM(pretrained=self.base.model, tokenizer=self.base.tokenizer, batch_size=self.s.batch_size,
+        return KnnMoeLM(pretrained=self.base.model, tokenizer=self.base.tokenizer, batch_size=self.settings.batch_size,
                         memory=str(memory), **options)
 
     def peft_lm(self, adapter: Path):
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=self.pretrained, peft=str(adapter), device=self.s.device, dtype=self.s.dtype,
-                    batch_size=self.s.batch_size, parallelize=self.s.parallelize)
+        return HFLM(pretrained=self.pretrained, peft=str(adapter), device=self.settings.device, dtype=self.settings.dtype,
+                    batch_size=self.settings.batch_size, parallelize=self.settings.parallelize)
 
     def judge_lm(self, bench: Benchmark):
         """The judge that labels references in the unlabelled ablation: `knn-dense` is this model with its
         gold-built dense-gradient memory; anything else is an lm-eval model spec `MODEL:ARGS`."""
-        if self.s.judge == "knn-dense":
-            return self.knn_lm(self.memory(bench, **DENSE), k=self.s.k)
+        if self.settings.judge == "knn-dense":
+            return self.knn_lm(self.memory(bench, **DENSE), k=self.settings.k)
         from lm_eval.api.registry import get_model
 
-        model, _, args = self.s.judge.partition(":")
-        return get_model(model).create_from_arg_string(args, {"batch_size": self.s.batch_size, "device": self.s.device})
+        model, _, args = self.settings.judge.partition(":")
+        return get_model(model).create_from_arg_string(args, {"batch_size": self.settings.batch_size, "device": self.settings.device})
 
     # -- pieces on disk ------------------------------------------------------------------------------------------
     def _evaluate(self, lm, task: str, limit: int | None) -> dict:
         import lm_eval
 
         return lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=self.task_manager, limit=limit,
-                                       log_samples=True, gen_kwargs=self.s.gen_kwargs, bootstrap_iters=0,
-                                       confirm_run_unsafe_code=self.s.allow_code_execution,
+                                       log_samples=True, gen_kwargs=self.settings.gen_kwargs, bootstrap_iters=0,
+                                       confirm_run_unsafe_code=self.settings.allow_code_execution,
                                        **self.prompt_format,
-                                       random_seed=self.s.seed, numpy_random_seed=self.s.seed,
-                                       torch_random_seed=self.s.seed, fewshot_random_seed=self.s.seed)
+                                       random_seed=self.settings.seed, numpy_random_seed=self.settings.seed,
+                                       torch_random_seed=self.settings.seed, fewshot_random_seed=self.settings.seed)
 
     def memory(self, bench: Benchmark, *, n: int | None = None, **build) -> Path:
         """The kNN-MoE memory of `bench` built from its first `n` references (all by default) through lm-eval."""
-        build = {"eta": self.s.eta, "steps": self.s.steps, "grad": "paper", **build}
-        n = self.s.ref_limit if n is None else n
+        build = {"eta": self.settings.eta, "steps": self.settings.steps, "grad": "paper", **build}
+        n = self.settings.ref_limit if n is None else n
         name = "-".join([bench.name, f"n{n if n is not None else 'all'}"] +
                         [f"{k}{Path(str(v)).stem if k == 'labels' else v}" for k, v in sorted(build.items())] +
-                        (["chat"] if self.s.apply_chat_template else []))
+                        (["chat"] if self.settings.apply_chat_template else []))
         path = self.out / "memories" / name
         if not (path / "manifest.json").exists():
             lm = self.knn_lm(path, mode="build", **build)
+            start = time.perf_counter()  # the build pass, model loading excluded, as SFT's training time
             self._evaluate(lm, bench.ref, limit=n)
             write_json_atomic(self.out / "memories" / f"{name}.build.json",
-                       {"wall_s": lm.build_wall_s, "references": n, **build})
+                              {"wall_s": time.perf_counter() - start, "references": n, **build})
         return path
 
     def adapter(self, bench: Benchmark, method: str) -> Path:
         """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`)."""
         from .sft import train_sft
 
-        lr = self.s.lora_lr if method == "lora" else self.s.router_lr
-        rank = f"-r{self.s.lora_r}" if method == "lora" else ""
-        chat = "-chat" if self.s.apply_chat_template else ""
-        path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.s.ref_limit or 'all'}-lr{lr or 'default'}"
-                                        f"-e{self.s.sft_epochs}-b{self.s.sft_batch_size}{rank}{chat}-s{self.s.seed}")
-        train_sft(self.pretrained, [bench.ref], path, method, include_path=self.s.include_path,
-                  metadata=self.metadata, limit=self.s.ref_limit, seed=self.s.seed, epochs=self.s.sft_epochs,
-                  lr=lr, batch_size=self.s.sft_batch_size, lora_r=self.s.lora_r, prompt=self.prompt_format,
-                  device=self.s.device, dtype="float32" if self.s.dtype == "auto" else self.s.dtype, progress=True)
+        lr = self.settings.lora_lr if method == "lora" else self.settings.router_lr
+        rank = f"-r{self.settings.lora_r}" if method == "lora" else ""
+        chat = "-chat" if self.settings.apply_chat_template else ""
+        path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.settings.ref_limit or 'all'}-lr{lr or 'default'}"
+                                        f"-e{self.settings.sft_epochs}-b{self.settings.sft_batch_size}{rank}{chat}-s{self.settings.seed}")
+        train_sft(self.pretrained, [bench.ref], path, method, include_path=self.settings.include_path,
+                  metadata=self.metadata, limit=self.settings.ref_limit, seed=self.settings.seed, epochs=self.settings.sft_epochs,
+                  lr=lr, batch_size=self.settings.sft_batch_size, lora_r=self.settings.lora_r, prompt=self.prompt_format,
+                  device=self.settings.device, dtype="float32" if self.settings.dtype == "auto" else self.settings.dtype, progress=True)
         return path
 
     def scores(self, run: str, bench: Benchmark, make_lm, task: str | None = None, config: dict | None = None) -> dict:
         """Per-item scores of one method on one benchmark's test task, cached as JSON under runs/<run>/."""
-        task = task or bench.test_task(self.s.scoring)
-        config = {"task": task, "limit": self.s.limit, "gen_kwargs": self.s.gen_kwargs, **self.prompt_format,
+        task = task or bench.test_task(self.settings.scoring)
+        config = {"task": task, "limit": self.settings.limit, "gen_kwargs": self.settings.gen_kwargs, **self.prompt_format,
                   **(config or {})}
         path = self.out / "runs" / run / f"{bench.name}.json"
         if path.exists():
@@ -232,7 +239,7 @@ class Runner:
                 return cached
         lm = make_lm()
         start = time.perf_counter()
-        result = self._evaluate(lm, task, self.s.limit)
+        result = self._evaluate(lm, task, self.settings.limit)
         wall = time.perf_counter() - start
         samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
         metric = "pass@1" if "pass@1" in samples[0] else "acc"
@@ -272,7 +279,7 @@ class Runner:
             **options) -> dict:
         if n == 0:  # N = 0 is the stock model: an empty reference set
             return self.zero_shot(bench)
-        options = {"k": self.s.k, **options}
+        options = {"k": self.settings.k, **options}
         memory = self.memory(bench, n=n, **(build or {}))
         return self.scores(run, bench, lambda: self.knn_lm(memory, **options),
                            config={"memory": memory.name, **options})
@@ -290,7 +297,7 @@ class Runner:
         the two finished runs are combined item by item instead of running a third pass.
         """
         zero, knn = self.zero_shot(bench), self.knn(bench)
-        skip = lowest_fraction(self.perplexity(bench), self.s.selective_fraction)
+        skip = lowest_fraction(self.perplexity(bench), self.settings.selective_fraction)
         scores = np.where(skip, zero["scores"], knn["scores"])
         return {**knn, "scores": [float(x) for x in scores], "skipped": int(skip.sum())}
 
@@ -298,7 +305,7 @@ class Runner:
         """Table 1's rows for one benchmark, in the paper's order. A method that cannot run here (e.g. IVFPQ on a
         memory too small to train it) gets {"error": why}, which the table prints under itself."""
         methods = {"Zero-shot": lambda: self.zero_shot(bench)}
-        if self.s.scoring == "gen" and bench.fewshot:
+        if self.settings.scoring == "gen" and bench.fewshot:
             methods["5-shot (similar)"] = lambda: self.five_shot(bench)
         methods["LoRA SFT"] = lambda: self.sft(bench, "lora")
         methods["Router-only SFT"] = lambda: self.sft(bench, "router")
@@ -319,7 +326,7 @@ class Runner:
 
     def five_shot(self, bench: Benchmark) -> dict:
         """The 5 most similar references in the prompt; the record names the encoder that chose them."""
-        from . import fewshot
+        from ..benchmarks import fewshot
 
         record = self.scores("5-shot", bench, lambda: self.base, task=bench.fewshot)
         if "encoder" not in record:  # a fresh run: the sampler has just chosen its encoder
@@ -335,7 +342,7 @@ class Runner:
 def table(runner: Runner) -> dict:
     """Table 1: accuracy per benchmark and on all test items together ("Avg."), † where a paired bootstrap against
     zero-shot gives p < 0.05. Writes table.md and table.json under --out and returns the JSON."""
-    s = runner.s
+    s = runner.settings
     per_bench = {b: runner.methods(BENCHMARKS[b]) for b in s.benchmarks}
     methods = list(dict.fromkeys(m for rows in per_bench.values() for m in rows))
     cells: dict[str, dict] = {}
@@ -360,7 +367,7 @@ def table(runner: Runner) -> dict:
               if "error" in per_bench[b].get(m, {})}
     notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = {default('positions')}; k = {s.k}, similarity = "
              f"{default('similarity')} (hf-knnmoe's defaults unless set)."]
-    from .fewshot import QWEN3
+    from ..benchmarks.fewshot import QWEN3
 
     encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks
                 if "5-shot (similar)" in per_bench[b]} - {QWEN3}
@@ -388,75 +395,3 @@ def render_table(cells: dict, errors: dict | None = None, notes: list[str] | Non
     lines += [f"— {where}: {why}" for where, why in (errors or {}).items()]
     lines += list(notes or [])
     return "\n".join(lines) + "\n"
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    values = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__ and v is not None}
-    values["benchmarks"] = tuple(args.benchmarks.split(","))
-    grids = {"n_values": lambda v: None if v == "all" else int(v), "k_values": int, "step_values": int,
-             "similarities": str}
-    for name, parse in grids.items():
-        if getattr(args, name, None):
-            values[name] = tuple(parse(v) for v in getattr(args, name).split(","))
-    values["metadata"] = json.loads(args.metadata) if args.metadata else {}
-    return Settings(**values)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from . import ablations
-
-    parser = argparse.ArgumentParser(prog="python -m knnmoe_eval.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("table", "ablate"))
-    parser.add_argument("--pretrained", required=True, help="model path or hub id; 'toy' trains/loads the toy MoE")
-    parser.add_argument("--benchmarks", default="toy_shift", help=f"comma-separated, from {', '.join(BENCHMARKS)}")
-    parser.add_argument("--which", default=",".join(ablations.ABLATIONS),
-                        help=f"ablate: comma-separated, from {', '.join(ablations.ABLATIONS)}")
-    parser.add_argument("--out")
-    parser.add_argument("--scoring", choices=("loglik", "gen"))
-    parser.add_argument("--limit", type=int, help="test items per benchmark")
-    parser.add_argument("--ref_limit", type=int, help="references per benchmark (N)")
-    parser.add_argument("--include_path")
-    parser.add_argument("--metadata", help="JSON passed to the tasks, e.g. '{\"data_dir\": \"...\"}'")
-    parser.add_argument("--device")
-    parser.add_argument("--dtype")
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--parallelize", action="store_true", default=None,
-                        help="shard the model over all visible GPUs (for models larger than one GPU)")
-    parser.add_argument("--eta", type=float, help=f"build step size (default {default('eta'):g}, as hf-knnmoe's)")
-    parser.add_argument("--k", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--apply_chat_template", nargs="?", const=True,
-                        help="as lm_eval's: format every method's prompts (runs, builds, SFT data) with the chat template")
-    parser.add_argument("--system_instruction")
-    parser.add_argument("--fewshot_as_multiturn", action="store_true", default=None)
-    parser.add_argument("--sft_epochs", type=int)
-    parser.add_argument("--sft_batch_size", type=int, help="SFT batch size (default 16, the paper's)")
-    parser.add_argument("--lora_r", type=int, help="LoRA rank, alpha = r (default 32, the paper's)")
-    parser.add_argument("--n_values", help="N ablation grid, comma-separated; 'all' = the whole reference set")
-    parser.add_argument("--k_values", help="k ablation grid (default 1,2,4,8)")
-    parser.add_argument("--step_values", help="T ablation grid (default 1,2,4)")
-    parser.add_argument("--similarities", help="similarity ablation grid (default rbf,rbf_l2,cosine)")
-    parser.add_argument("--lora_lr", type=float, help="LoRA SFT learning rate (toy: 3e-3)")
-    parser.add_argument("--router_lr", type=float, help="router-only SFT learning rate (toy: 3e-2)")
-    parser.add_argument("--bootstrap", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--allow_code_execution", action="store_true", default=None,
-                        help="run MBPP's generated code (also needs HF_ALLOW_CODE_EVAL=1)")
-    parser.add_argument("--gen_kwargs", help="override generation settings of generative tasks, e.g. max_gen_toks=64")
-    parser.add_argument("--judge", help="unlabelled ablation: knn-dense, or an lm-eval model spec MODEL:ARGS")
-    parser.add_argument("--cache", help="where the toy model is cached")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    runner = Runner(settings_from_args(args))
-    if args.command == "table":
-        table(runner)
-        print((runner.out / "table.md").read_text())
-    else:
-        for name in args.which.split(","):
-            print(ablations.run(runner, name))
-
-
-if __name__ == "__main__":
-    main()

@@ -12,25 +12,24 @@ memory (see `build.py`).
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import time
 from contextlib import contextmanager
-from pathlib import Path
+from functools import partial
 from typing import Iterator
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .build import MemoryBuilder, encode_request, refuse_several_answers
-from .errors import KnnMoeError
-from .families import find_routers
-from .hooks import hooked_routers
-from .labels import labelled_continuation, read_labels
-from .memory import load_memory, model_signature
-from .options import split_model_args
-from .retrieval import Retriever
+from ..core.build import MemoryBuilder
+from ..core.families import find_routers
+from ..core.hooks import hooked_routers
+from ..core.memory import load_memory
+from ..core.options import split_model_args
+from ..core.retrieval import Retriever
+from ..core.signature import model_signature
+from ..errors import KnnMoeError
+from .requests import reference_sequences
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,9 @@ class KnnMoeLM(HFLM):
                 "mode=build only teacher-forces loglikelihood build tasks (output_type loglikelihood, or "
                 "multiple_choice emitting only the gold answer); evaluate with mode=eval"
             )
-        self.retriever.token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
-        try:
-            with hooked_routers(self.sites, self.retriever):
-                yield
-        finally:
-            self.retriever.token_mask = None
+        mask = None if attention_mask is None else attention_mask.reshape(-1).bool()  # padding is never searched
+        with hooked_routers(self.sites, partial(self.retriever, token_mask=mask)):
+            yield
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         with self._routing():
@@ -83,42 +79,23 @@ class KnnMoeLM(HFLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.knn.mode != "build":
             return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
-        return self._build(requests)
+        # build mode: the requests are the reference set; their results are the stock loglikelihoods
+        sequences = reference_sequences(self, requests, self.knn.labels)
+        results = self.builder.build(sequences, self.tokenizer.pad_token_id or 0, self._build_batch_size(),
+                                     barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None)
+        return [results[(r.task_name, r.doc_id, r.idx)] for r in requests]
 
-    def _build(self, requests) -> list[tuple[float, bool]]:
-        rids = [(r.task_name, r.doc_id, r.idx) for r in requests]
-        refuse_several_answers(rids, "a build task")
-        # pseudo-labels (labels.py): every request's gold continuation is replaced by its label's, never mixed
-        labels = read_labels(self.knn.labels) if self.knn.labels else None
-        sequences = {}
-        for rid, req in zip(rids, requests):
-            if rid not in sequences:  # lm-eval pads short ranks with duplicates of their last request
-                context, continuation = req.args
-                if labels is not None:
-                    continuation = labelled_continuation(labels, rid[0], rid[1], context, self.knn.labels)
-                sequences[rid] = encode_request(self, rid, context, continuation)
-        batch = self.batch_size if isinstance(self.batch_size, int) else 8
-        start = time.perf_counter()
-        results = self.builder.run(list(sequences.values()), self.tokenizer.pad_token_id or 0, batch)
-        if self.world_size > 1:
-            self.accelerator.wait_for_everyone()
-        if self.rank == 0:
-            self.builder.finalize()
-        if self.world_size > 1:
-            self.accelerator.wait_for_everyone()
-        self.build_wall_s = time.perf_counter() - start  # the cost the paper compares with SFT's training time
-        log.info("kNN-MoE build: %d sequences in %.1f s", len(sequences), self.build_wall_s)
-        return [results[rid] for rid in rids]
+    def _build_batch_size(self) -> int:
+        if isinstance(self.batch_size, int):
+            return self.batch_size
+        # `auto` probes inference batches; a build also holds the backward pass, so it does not carry over
+        log.warning("mode=build does not support batch_size=%s; building with batch_size=8 (pass an integer)",
+                    self.batch_size)
+        return 8
 
     def get_model_info(self) -> dict:
         """lm-eval puts this into the results JSON's `config`: our options and, in eval mode, the diagnostics."""
         info = {**super().get_model_info(), "knnmoe": {"options": vars(self.knn).copy()}}
-        if self.retriever is not None:
-            diag = self.retriever.diagnostics()
-            info["knnmoe"]["diagnostics"] = diag
-            for layer, d in diag.items():
-                log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
-                         d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
-            if self.knn.diagnostics:
-                Path(self.knn.diagnostics).write_text(json.dumps(diag, indent=2))
+        if self.retriever is not None:  # lm-eval asks for this once, after the last request: the run's report
+            info["knnmoe"]["diagnostics"] = self.retriever.report()
         return info

@@ -15,7 +15,7 @@ One JSON line per reference item:
 `context` is lm-eval's rendered context of the item: a build refuses a label whose context differs from its own
 request's (another prompt, chat template or few-shot setting), so labels never silently attach to other text.
 
-    python -m knnmoe_eval.labels --model hf --model_args pretrained=J --tasks knnmoe_toy_shift_ref_mc \
+    python -m knnmoe_eval.harness.labels --model hf --model_args pretrained=J --tasks knnmoe_toy_shift_ref_mc \
         --include_path tasks/toy --out labels.jsonl
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 
 MC_SUFFIX = "_mc"
 GOLD = "gold"  # the labeller name of labels copied from the gold answers (a control: builds the gold memory)
@@ -109,7 +109,7 @@ def _summary(records: list[dict], labeller: str) -> dict:
 
 def write_labels(path: str | Path, records: list[dict]) -> str:
     """JSON lines under a temporary name, then renamed: a reader never sees half a labels file. Returns sha256."""
-    from .memory import sha256_file
+    from ..core.files import sha256_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ def make_labels(
     records = [r for task_name, task in loaded.items() for r in _records(task_name, task, samples[task_name], name, gold)]
     digest = write_labels(out, records)
     summary = {**_summary(records, name), "labels": str(out), "sha256": digest}
-    from .memory import write_json_atomic
+    from ..core.files import write_json_atomic
 
     write_json_atomic(summary_path(out), summary)
     return summary
@@ -211,7 +211,7 @@ def read_labels(path: str | Path) -> dict[tuple[str, int], Label]:
     """(ref task, doc_id) -> Label. Plain JSON lines only; a malformed line or a conflicting duplicate is an error."""
     path = Path(path)
     if not path.is_file():
-        raise KnnMoeError(f"labels file {path} not found; write one with python -m knnmoe_eval.labels")
+        raise KnnMoeError(f"labels file {path} not found; write one with python -m knnmoe_eval.harness.labels")
     labels: dict[tuple[str, int], Label] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -222,7 +222,7 @@ def read_labels(path: str | Path) -> dict[tuple[str, int], Label]:
                 key, label = (str(r["task"]), int(r["doc_id"])), Label(str(r["context"]), str(r["continuation"]))
             except (ValueError, KeyError, TypeError) as err:
                 raise KnnMoeError(f"{path} line {n}: not a label ({err}); each line needs task, doc_id, context "
-                                  "and continuation, as python -m knnmoe_eval.labels writes") from None
+                                  "and continuation, as python -m knnmoe_eval.harness.labels writes") from None
             if labels.setdefault(key, label) != label:
                 raise KnnMoeError(f"{path} line {n}: a second, different label for {key[0]} doc {key[1]}")
     if not labels:
@@ -237,7 +237,7 @@ def labelled_continuation(labels: dict[tuple[str, int], Label], task: str, doc_i
     if label is None:
         raise KnnMoeError(
             f"{source} has no label for {task} doc {doc_id}; label every document the build reads: run "
-            f"python -m knnmoe_eval.labels over {task}{MC_SUFFIX} with the same --limit and --metadata as the build"
+            f"python -m knnmoe_eval.harness.labels over {task}{MC_SUFFIX} with the same --limit and --metadata as the build"
         )
     if label.context != context:
         at = next((i for i, (a, b) in enumerate(zip(label.context, context)) if a != b), min(len(label.context), len(context)))
@@ -247,18 +247,6 @@ def labelled_continuation(labels: dict[tuple[str, int], Label], task: str, doc_i
             "the build's prompt settings (same --metadata, chat template, few-shot and system instruction)"
         )
     return label.continuation
-
-
-def describe(path: str | Path) -> dict:
-    """What a memory built from this labels file records about it: its sha256 and who labelled it."""
-    from .memory import sha256_file
-
-    labellers = set()
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                labellers.add(json.loads(line).get("labeller", "?"))
-    return {"sha256": sha256_file(Path(path)), "labellers": sorted(labellers)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import KnnMoeError
-from .memory import sha256_file
+from ..errors import KnnMoeError
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ _POINTS_PER_CENTROID = 39  # below this faiss's k-means warns that it has too fe
 # approximate indexes return this many times k candidates, re-ranked by their true distance to the query: PQ
 # codes alone place the true nearest key first only ~1/3 of the time at d = 2048 (see docs/retrieval.md)
 RERANK = 8
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _pow2(x: float, rounding=math.floor) -> int:

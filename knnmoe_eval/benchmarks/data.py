@@ -4,7 +4,7 @@ kNN-MoE builds its memory from the reference set, the 5-shot baseline retrieves 
 trains on it, so the cut must be a pure function of the data files and one seed: this module is that function.
 It also holds what the paper keeps identical across methods: the rendering of a question and its options in
 the zero-shot prompt (Appendix A.1), the gold targets and one answer-parsing rule. The YAML tasks under `tasks/`
-reach it through `custom_dataset: !function knnmoe_eval.benchmarks.load`, which receives `--metadata`.
+reach it through `custom_dataset: !function knnmoe_eval.benchmarks.data.load`, which receives `--metadata`.
 
 Every random choice (GPQA option order, test and reference subsets) hashes a record id with the seed, so it is
 the same in every process, on every access and whatever order the rows arrive in; subsets are prefixes of one
@@ -38,6 +38,7 @@ class Split:
     ref_size: int | None = None  # default reference size N; None keeps all candidates
     reference_share: float = 0.0  # single-file benchmarks: seeded share of rows held out as reference
     splits_are_configs: bool = False  # GPQA: each source split is a hub config holding one "train" split
+    multiple_choice: bool = True  # False: generative only (MBPP), no loglikelihood test or _ref_mc task
 
 
 SPLITS = {
@@ -48,7 +49,8 @@ SPLITS = {
     # the whole train split: the paper's OLMoE cost tables (12.79 GB exact, 16 layers, 4,352 B per key) hold
     # about 183k keys per layer, i.e. all 182,822 train questions at one answer token each (docs/tasks.md)
     "medmcqa": Split("openlifescienceai/medmcqa", None, ("validation",), ("train",)),
-    "mbpp": Split("google-research-datasets/mbpp", "full", ("prompt", "test", "validation"), ("train",)),
+    "mbpp": Split("google-research-datasets/mbpp", "full", ("prompt", "test", "validation"), ("train",),
+                  multiple_choice=False),
 }
 
 
@@ -197,7 +199,7 @@ def load(benchmark: str, part: str, data_dir=None, ref_size=None, split_seed=SEE
     if part not in ("test", "reference", "pool"):
         raise KnnMoeError(f"part must be test, reference or pool, not {part!r}")
     if runs_code:
-        from knnmoe_eval.code_exec import require_opt_in
+        from knnmoe_eval.benchmarks.data.code_exec import require_opt_in
 
         require_opt_in()
     test, reference = split_sets(
@@ -294,7 +296,7 @@ def extract_code(response: str) -> str:
 
 
 def mbpp_process_generation(doc: dict, results: list[str]) -> dict[str, int]:
-    from knnmoe_eval.code_exec import passes
+    from knnmoe_eval.benchmarks.data.code_exec import passes
 
     passed = int(passes(extract_code(results[0]), doc["test_list"], setup=doc["test_setup_code"]))
     # pass@1 with one greedy sample per problem; also reported as `acc` so that the group "Avg." concatenates it

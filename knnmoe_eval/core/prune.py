@@ -12,7 +12,7 @@ Two kinds of entries cost search time and bytes for nothing:
 The pruned copy is an ordinary memory, streamed chunk by chunk from the memory-mapped original
 (`write_memory_streamed`); its manifest records what was dropped.
 
-    python -m knnmoe_eval.prune --memory memories/X --pretrained M --out memories/X-pruned --min-change 0.02
+    python -m knnmoe_eval.core.prune --memory memories/X --pretrained M --out memories/X-pruned --min-change 0.02
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 from .families import RouterSite, find_routers
-from .memory import LayerMemory, Memory, load_memory, model_signature, write_memory_streamed
+from .memory import LayerMemory, Memory, load_memory, write_memory_streamed
+from .signature import model_signature
 
 log = logging.getLogger(__name__)
 _CHUNK = 4096
@@ -111,7 +112,7 @@ def prune_memory(memory: str | Path | Memory, out_dir: str | Path, model: torch.
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.prune", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.core.prune", description=__doc__.split("\n\n")[0])
     p.add_argument("--memory", required=True, help="memory directory to prune (left untouched)")
     p.add_argument("--pretrained", required=True, help="the model the memory was built for (its routers are needed)")
     p.add_argument("--out", required=True, help="directory for the pruned memory")

@@ -31,7 +31,7 @@ loadable with weights_only=True, counters and history in state.json written last
 last one and ends with the same adapter, bit for bit, as an uninterrupted run. OUT/train.json, written last,
 marks a finished run; a rerun with the same settings returns it, with other settings it is refused.
 
-    python -m knnmoe_eval.sft --pretrained P --tasks knnmoe_medmcqa_ref --method lora --out sft/lora \
+    python -m knnmoe_eval.experiments.sft --pretrained P --tasks knnmoe_medmcqa_ref --method lora --out sft/lora \
         --include_path tasks --metadata '{"data_dir": "data"}'
     lm_eval --model hf --model_args pretrained=P,peft=sft/lora --tasks knnmoe_medmcqa --include_path tasks
 """
@@ -54,10 +54,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .build import RefSequence, encode_request, refuse_several_answers
-from .errors import KnnMoeError
-from .families import find_routers
-from .memory import save_tensors_atomic, write_json_atomic
+from ..core.build import RefSequence
+from ..core.families import find_routers
+from ..core.files import save_tensors_atomic, write_json_atomic
+from ..errors import KnnMoeError
+from ..harness.requests import encode_request, refuse_several_answers
 
 METHODS = ("lora", "router")
 DEFAULT_LR = {"lora": 1e-3, "router": 1e-3}

@@ -16,20 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import KnnMoeError
-from .experiments import BENCHMARKS, DENSE
-from .memory import write_json_atomic
-from .stats import BUCKETS, perplexity_buckets
-
-ABLATIONS = ("n", "k", "steps", "similarity", "ppl", "cost", "latency", "unlabelled")
+from ..core.files import write_json_atomic
+from ..errors import KnnMoeError
+from .runner import BENCHMARKS, DENSE
+from .significance import BUCKETS, perplexity_buckets
 
 
 def run(runner, name: str) -> str:
     """Run one ablation, write its files and return its markdown table."""
     if name not in ABLATIONS:
         raise KnnMoeError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")
-    benches = [BENCHMARKS[b] for b in runner.s.benchmarks]
-    rows, x, y, kind = globals()[f"_{name}"](runner, benches)
+    benches = [BENCHMARKS[b] for b in runner.settings.benchmarks]
+    rows, x, y, kind = ABLATIONS[name](runner, benches)
     out = runner.out / "ablations"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / f"{name}.json", {"ablation": name, "rows": rows})
@@ -61,19 +59,19 @@ def _top1(records: dict) -> dict:
 
 
 def _n(runner, benches):
-    return _sweep(runner, benches, "N", runner.s.n_values, lambda n: {"n": n}), "N", "Avg.", "line"
+    return _sweep(runner, benches, "N", runner.settings.n_values, lambda n: {"n": n}), "N", "Avg.", "line"
 
 
 def _k(runner, benches):
-    return _sweep(runner, benches, "k", runner.s.k_values, lambda k: {"k": k}), "k", "Avg.", "line"
+    return _sweep(runner, benches, "k", runner.settings.k_values, lambda k: {"k": k}), "k", "Avg.", "line"
 
 
 def _steps(runner, benches):
-    return _sweep(runner, benches, "T", runner.s.step_values, lambda t: {"build": {"steps": t}}), "T", "Avg.", "line"
+    return _sweep(runner, benches, "T", runner.settings.step_values, lambda t: {"build": {"steps": t}}), "T", "Avg.", "line"
 
 
 def _similarity(runner, benches):
-    return _sweep(runner, benches, "similarity", runner.s.similarities, lambda s: {"similarity": s}), "similarity", "Avg.", "bar"
+    return _sweep(runner, benches, "similarity", runner.settings.similarities, lambda s: {"similarity": s}), "similarity", "Avg.", "bar"
 
 
 def _ppl(runner, benches):
@@ -130,12 +128,12 @@ def _latency(runner, benches):
     rows = []
     zero_s, zero_mem = _timed(runner, benches, lambda b: runner.base)
     rows.append({"N": 0, "index": "none (zero-shot)", "eval s": zero_s, "× zero-shot": 1.0, "peak MiB": zero_mem})
-    for n in [v for v in runner.s.n_values if v != 0]:  # None: the whole reference set
+    for n in [v for v in runner.settings.n_values if v != 0]:  # None: the whole reference set
         for index in ("exact", "ivfpq"):
             memories = {b.name: runner.memory(b, n=n) for b in benches}
             row = {"N": n, "index": index, "keys per layer (all benchmarks)": _keys(memories)}
             try:
-                s, mem = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.s.k, index=index))
+                s, mem = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.settings.k, index=index))
                 rows.append({**row, "eval s": s, "× zero-shot": s / zero_s, "peak MiB": mem})
             except KnnMoeError as e:  # e.g. IVFPQ on a memory too small to train
                 rows.append({**row, "eval s": None, "× zero-shot": None, "peak MiB": None, "note": str(e)})
@@ -160,10 +158,10 @@ def _timed(runner, benches, make_lm) -> tuple[float, float | None]:
         torch.cuda.reset_peak_memory_stats()
     elif Path("/proc/self/clear_refs").exists():
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
-    runs = [(make_lm(b), get_task_dict([b.test_task(runner.s.scoring)], runner.task_manager)) for b in benches]
+    runs = [(make_lm(b), get_task_dict([b.test_task(runner.settings.scoring)], runner.task_manager)) for b in benches]
     start = time.perf_counter()
     for lm, tasks in runs:
-        evaluate(lm, tasks, limit=runner.s.limit, bootstrap_iters=0, verbosity="ERROR")
+        evaluate(lm, tasks, limit=runner.settings.limit, bootstrap_iters=0, verbosity="ERROR")
     wall = time.perf_counter() - start
     if cuda:
         return wall, torch.cuda.max_memory_allocated() / 2**20
@@ -174,11 +172,11 @@ def _timed(runner, benches, make_lm) -> tuple[float, float | None]:
 
 def _unlabelled(runner, benches):
     """Memories from references labelled by the model itself (and by a judge) instead of gold answers."""
-    from .labels import make_labels, summary_path
+    from ..harness.labels import make_labels, summary_path
 
     rows = []
     labellers = {"gold": None, "self": lambda b: runner.base}
-    if runner.s.judge:
+    if runner.settings.judge:
         labellers["judge"] = runner.judge_lm
     for name, labeller in labellers.items():
         records, agreement = {}, []
@@ -187,10 +185,10 @@ def _unlabelled(runner, benches):
                 raise KnnMoeError(f"benchmark {b.name} has no multiple-choice reference task to label")
             build = {}
             if labeller is not None:
-                path = runner.out / "labels" / f"{b.name}-{name}-n{runner.s.ref_limit or 'all'}.jsonl"
+                path = runner.out / "labels" / f"{b.name}-{name}-n{runner.settings.ref_limit or 'all'}.jsonl"
                 if not summary_path(path).exists():  # written after the labels: a finished labelling
-                    make_labels(labeller(b), None, [b.ref_mc], path, limit=runner.s.ref_limit,
-                                labeller=runner.s.judge if name == "judge" else "self",
+                    make_labels(labeller(b), None, [b.ref_mc], path, limit=runner.settings.ref_limit,
+                                labeller=runner.settings.judge if name == "judge" else "self",
                                 task_manager=runner.task_manager)
                 agreement.append(json.loads(summary_path(path).read_text())["tasks"][b.ref]["agreement"])
                 build = {"labels": str(path)}
@@ -200,6 +198,11 @@ def _unlabelled(runner, benches):
     zero = _accuracy_row({b.name: runner.zero_shot(b) for b in benches})
     rows.insert(0, {"labels": "none (zero-shot)", "agree with gold": None, **zero})
     return rows, "labels", "Avg.", "bar"
+
+
+# name -> (runner, benchmarks) -> (rows, x column, y column, plot kind), in the order `ablate` runs them
+ABLATIONS = {"n": _n, "k": _k, "steps": _steps, "similarity": _similarity, "ppl": _ppl, "cost": _cost,
+             "latency": _latency, "unlabelled": _unlabelled}
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -20,116 +20,23 @@ walk the keys chunk by chunk.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .errors import KnnMoeError
-from .families import RouterSite
+from ..errors import KnnMoeError
+from .files import sha256_file, write_json_atomic
+from .sigma import layer_stats
 
 FORMAT = "knnmoe-memory"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_SIGMA_SAMPLE = 2048  # queries used to estimate the mean nearest-neighbour distance
 ROWS = 16_384  # rows per chunk when walking a layer: 64 MB of fp16 keys at d = 2048
-_NN_ROWS = 4096  # keys per chunk of the nearest-neighbour statistics: 32 MB as float32 at d = 2048
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_tensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> str:
-    """Write a safetensors file under a temporary name and rename it: a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return sha256_file(path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def router_fingerprint(site: RouterSite) -> str:
-    """sha256 of the router weights rounded to bf16: equal for a bf16 checkpoint loaded in bf16, fp16 or fp32."""
-    h = hashlib.sha256()
-    for p in (site.module.weight, getattr(site.module, "bias", None)):
-        if p is not None:
-            h.update(p.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_signature(model: torch.nn.Module, sites: Sequence[RouterSite]) -> dict:
-    """What a memory records about its model, and what loading checks it against."""
-    cfg = model.config
-    return {
-        "name_or_path": getattr(cfg, "_name_or_path", ""),
-        "model_type": sites[0].family.name,
-        "hidden_size": sites[0].hidden_size,
-        "num_experts": sites[0].num_experts,
-        "top_k": int(sites[0].module.top_k),
-        "moe_layers": [s.layer for s in sites],
-        "router_fingerprints": {str(s.layer): router_fingerprint(s) for s in sites},
-    }
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
-    """Mean squared distance from a key to its nearest other key, raw and between L2-normalised keys (sampled
-    queries, exact search); None below two keys.
-
-    One pass over the keys in chunks: both distances come from the same dot products,
-    ||q - x||^2 = |q|^2 + |x|^2 - 2 q.x and ||q/|q| - x/|x|||^2 = 2 - 2 q.x / (|q| |x|).
-    """
-    n = keys.shape[0]
-    if n < 2:
-        return None, None
-    rows = torch.from_numpy(np.random.default_rng(seed).choice(n, size=min(n, _SIGMA_SAMPLE), replace=False))
-    q = keys[rows].float()  # (s, d)
-    q_sq = q.pow(2).sum(-1, keepdim=True)  # (s, 1)
-    q_norm = q_sq.sqrt().clamp_min(1e-12)
-    best = {"raw": [], "l2": []}  # per chunk: (s, 2) two smallest distances, (s, 2) their ids
-    for start in range(0, n, _NN_ROWS):
-        x = keys[start : start + _NN_ROWS].float()  # (c, d)
-        x_sq = x.pow(2).sum(-1)  # (c,)
-        dots = q @ x.T  # (s, c)
-        raw = (q_sq + x_sq - 2 * dots).clamp_min(0)
-        l2 = (2 - 2 * dots / (q_norm * x_sq.sqrt().clamp_min(1e-12))).clamp_min(0)
-        for name, dist in (("raw", raw), ("l2", l2)):
-            d2, ids = dist.topk(min(2, dist.shape[1]), dim=1, largest=False)
-            best[name].append((d2, ids + start))
-    out = []
-    for name in ("raw", "l2"):
-        d2, ids = torch.cat([d for d, _ in best[name]], 1), torch.cat([i for _, i in best[name]], 1)
-        d2, order = d2.topk(2, dim=1, largest=False)
-        ids = ids.gather(1, order)
-        # the query itself is among the keys; an exact duplicate may come before it
-        other = torch.where(ids[:, 0] == rows, d2[:, 1], d2[:, 0])
-        out.append(float(other.double().mean()))
-    return out[0], out[1]
-
-
-def layer_stats(keys_fp16: torch.Tensor) -> dict:
-    raw, l2 = mean_nn_sq_dists(keys_fp16)
-    return {"mean_nn_sq_dist": raw, "mean_nn_sq_dist_l2": l2}
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -267,7 +174,7 @@ def write_memory_streamed(
             "sha256": digest,
             **layer_stats(load_file(str(out / name))["keys"]),
         }
-    from . import __version__
+    from .. import __version__
 
     write_json_atomic(
         out / MANIFEST,

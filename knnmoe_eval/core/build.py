@@ -16,19 +16,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import ExitStack
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 from .families import RouterSite
+from .files import save_tensors_atomic, sha256_file, write_json_atomic
 from .gradient import optimise_logits
-from .memory import MANIFEST, ROWS, save_tensors_atomic, write_json_atomic, write_memory_streamed
+from .memory import MANIFEST, ROWS, write_memory_streamed
 from .options import KnnMoeOptions
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,21 @@ class MemoryBuilder:
         results.update(zip(shard.rids, shard.loglik))
         return results
 
+    def build(self, sequences: list[RefSequence], pad_id: int, batch_size: int,
+              barrier: Callable[[], None] | None = None) -> dict[RequestId, tuple[float, bool]]:
+        """This rank's part of the build, then (rank 0, once every rank is done) the memory; returns the stock
+        loglikelihood of each of this rank's requests. `barrier` waits for every rank (several processes)."""
+        start = time.perf_counter()
+        results = self.run(sequences, pad_id, batch_size)
+        if barrier is not None:
+            barrier()
+        if self.rank == 0:
+            self.finalize()
+        if barrier is not None:
+            barrier()
+        log.info("kNN-MoE build: %d sequences in %.1f s", len(sequences), time.perf_counter() - start)
+        return results
+
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
         where: dict[RequestId, tuple[Path, int, int]] = {}  # request -> (shard, first row, rows)
@@ -234,23 +250,11 @@ def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: l
     return RefSequence(rid, whole[:-1], whole[1:], min(len(continuation_enc), len(whole) - 1))
 
 
-def encode_request(lm, rid: RequestId, context: str, continuation: str) -> RefSequence:
-    """A build request's tokens as lm-eval's `hf` (`lm`, an HFLM) tokenizes a loglikelihood request."""
-    if context:
-        ctx, cont = lm._encode_pair(context, continuation)
-    else:
-        ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
-    return tokenize_request(rid, ctx, cont, lm.max_length)
-
-
-def refuse_several_answers(rids: list[RequestId], purpose: str) -> None:
-    """Teacher-forcing needs one target per document: refuse tasks that emit every answer choice."""
-    per_doc: dict[tuple[str, int], set[int]] = {}
-    for task, doc, idx in rids:
-        per_doc.setdefault((task, doc), set()).add(idx)
-    multi = sorted({task for (task, _), idxs in per_doc.items() if len(idxs) > 1})
-    if multi:
-        raise KnnMoeError(
-            f"task(s) {multi} emit several answer choices per document; {purpose} must teacher-force only the gold "
-            "answer (use a knnmoe_*_ref task, or see README 'Turning a task into a build task')"
-        )
+def describe(labels_path: str | Path) -> dict:
+    """What a memory built from a labels file (pseudo-labels, `harness/labels.py`) records about it."""
+    labellers = set()
+    with open(labels_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                labellers.add(json.loads(line).get("labeller", "?"))
+    return {"sha256": sha256_file(Path(labels_path)), "labellers": sorted(labellers)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 
 
 def paired_bootstrap(scores: np.ndarray, baseline: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> float:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .errors import KnnMoeError
+from ..errors import KnnMoeError
 from .families import RouterSite
 
 Transform = Callable[[RouterSite, torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, tuple]]

@@ -9,6 +9,7 @@ mean share of the similarity mass taken by the nearest neighbour (over tokens wi
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -17,13 +18,19 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..errors import KnnMoeError
 from . import index as knn_index
-from .errors import KnnMoeError
 from .families import RouterSite, find_routers
+from .files import write_json_atomic
 from .hooks import hooked_routers
-from .memory import Memory, l2_normalize, load_memory, model_signature
+from .index import l2_normalize
+from .memory import Memory, load_memory
 from .mixing import mix, similarity
 from .options import KnnMoeOptions
+from .sigma import two_sigma2
+from .signature import model_signature
+
+log = logging.getLogger(__name__)
 
 
 class _LayerRetrieval:
@@ -106,23 +113,9 @@ class Retriever:
                     f"use k <= {len(mem)} or a larger memory"
                 )
             self.layers[site.layer] = _LayerRetrieval(
-                site, model, memory, self._two_sigma2(mem.stats, site.layer, memory.path), options
+                site, model, memory, two_sigma2(options.similarity, options.sigma, mem.stats, site.layer, memory.path), options
             )
-        self.token_mask: torch.Tensor | None = None  # (n_tokens,) bool: rows to search, when padding is known
         self.reset_diagnostics()
-
-    def _two_sigma2(self, stats: dict, layer: int, path: Path) -> float:
-        if self.options.similarity == "cosine":
-            return 1.0  # cosine similarity has no bandwidth
-        if self.options.sigma is not None:
-            return 2.0 * self.options.sigma**2
-        stat = stats["mean_nn_sq_dist_l2" if self.options.similarity != "rbf" else "mean_nn_sq_dist"]
-        if not stat:
-            raise KnnMoeError(
-                f"sigma=auto needs at least two distinct keys per layer, and layer {layer} of {path} has not; "
-                "pass sigma=<number>"
-            )
-        return stat  # 2 sigma^2 = mean squared nearest-neighbour distance inside the memory
 
     def reset_diagnostics(self) -> None:
         # per layer: sum lambda, tokens whose top-k changed, tokens, sum top-1 share, tokens with lambda > 0
@@ -140,14 +133,27 @@ class Retriever:
                                "top1_share": top1.item() / confident.item() if confident.item() else None}
         return out
 
-    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor):
-        """Mixed logits for the hook, with their gating (z unchanged for a layer with no memory)."""
+    def report(self) -> dict:
+        """The diagnostics, logged per layer and written to `diagnostics=FILE` when asked."""
+        diag = self.diagnostics()
+        for layer, d in diag.items():
+            log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
+                     d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
+        if self.options.diagnostics:
+            write_json_atomic(Path(self.options.diagnostics), diag)
+        return diag
+
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """Mixed logits for the hook, with their gating (z unchanged for a layer with no memory).
+
+        token_mask: (n_tokens,) bool, the rows to search when padding is known (generation's attention mask);
+        bind it with `functools.partial` for one forward. Rows outside it keep their own logits."""
         layer = self.layers.get(site.layer)
         if layer is None:
             return z
         rows = None
-        if self.token_mask is not None and self.token_mask.numel() == h.shape[0]:
-            rows = self.token_mask.to(h.device).nonzero().squeeze(-1)
+        if token_mask is not None and token_mask.numel() == h.shape[0]:
+            rows = token_mask.to(h.device).nonzero().squeeze(-1)
         q = (h if rows is None else h[rows]).detach().float()  # (m, d)
         if torch.isnan(q).any():
             raise KnnMoeError(f"NaN in the router input of layer {site.layer}: the model's forward produced NaN")
