@@ -57,15 +57,7 @@ def batch(n_answer: int, seed: int = 2):
 def reference_steps(model, inputs, targets, scored, eta, steps):
     """The paper's T steps, independently: identity routers fed with leaves, full-vocabulary log-softmax."""
     ref = copy.deepcopy(model)
-    stock = {}
-
-    def record(site, h, z):
-        stock[site.layer] = z.detach().clone()
-        return z
-
-    sites = find_routers(ref)
-    with torch.no_grad(), hooked_routers(sites, record):
-        ref(inputs)
+    stock = stock_logits(ref, find_routers(ref), inputs)
     leaves = {layer: z.clone().requires_grad_() for layer, z in stock.items()}
     for layer, z in leaves.items():
         mlp = ref.model.layers[layer].mlp

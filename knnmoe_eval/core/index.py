@@ -31,14 +31,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import KnnMoeError
-from .files import sha256_file
+from .files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +223,10 @@ def save_index(idx, path: Path, spec: dict) -> None:
     """Index file first, sidecar (with the file's checksum) last, both renamed into place."""
     import faiss
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    faiss.write_index(idx, str(tmp))
-    os.replace(tmp, path)
-    sidecar = path.with_name(path.name + ".json")
-    tmp = sidecar.with_name(sidecar.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"spec": spec, "sha256": sha256_file(path), "bytes": path.stat().st_size}, indent=2))
-    os.replace(tmp, sidecar)
+    with atomic_path(path) as tmp:
+        faiss.write_index(idx, str(tmp))
+    with atomic_path(path.with_name(path.name + ".json")) as tmp:
+        tmp.write_text(json.dumps({"spec": spec, "sha256": sha256_file(path), "bytes": path.stat().st_size}, indent=2))
 
 
 def load_or_build(keys: torch.Tensor, factory: str, nprobe: int, normalize: bool, memory_dir: str | Path | None,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import KnnMoeError
-from .files import sha256_file, write_json_atomic
+from .files import atomic_path, sha256_file, write_json_atomic
 from .sigma import layer_stats
 
 FORMAT = "knnmoe-memory"
@@ -114,10 +113,9 @@ def write_layer_file(path: Path, layer: int, n: int, d: int, n_exp: int, rows: L
 
     Keys and values go through two handles on one file, each writing its region sequentially, so chunks of any
     size stream through without ever holding the layer."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     header = _header(n, d, n_exp)
     written = 0
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(header)
             f.truncate(len(header) + n * n_exp * 4 + n * d * 2)
@@ -133,10 +131,6 @@ def write_layer_file(path: Path, layer: int, n: int, d: int, n_exp: int, rows: L
                 written += len(k16)
         if written != n:
             raise KnnMoeError(f"layer {layer}: {written} rows written but {n} announced; the memory was not written")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return sha256_file(path)
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -56,7 +55,7 @@ from tqdm import tqdm
 
 from ..core.build import RefSequence
 from ..core.families import find_routers
-from ..core.files import save_tensors_atomic, write_json_atomic
+from ..core.files import atomic_path, save_tensors_atomic, write_json_atomic
 from ..errors import KnnMoeError
 from ..harness.requests import encode_request, refuse_several_answers
 
@@ -203,9 +202,8 @@ def _save_checkpoint(ckpt: Path, epoch: int, model, optimizer, state: dict) -> N
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = ckpt / f"epoch_{epoch:04d}.optim.pt.tmp{os.getpid()}"
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp)
-    os.replace(tmp, ckpt / f"epoch_{epoch:04d}.optim.pt")
+    with atomic_path(ckpt / f"epoch_{epoch:04d}.optim.pt") as tmp:
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp)
     write_json_atomic(ckpt / STATE_JSON, state)  # last: names the epoch the files above belong to
     keep = {f"epoch_{e:04d}{x}" for e in (epoch, state["best_epoch"]) for x in (".safetensors", ".optim.pt")}
     for path in ckpt.glob("epoch_*"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,16 +108,12 @@ def _summary(records: list[dict], labeller: str) -> dict:
 
 def write_labels(path: str | Path, records: list[dict]) -> str:
     """JSON lines under a temporary name, then renamed: a reader never sees half a labels file. Returns sha256."""
-    from ..core.files import sha256_file
+    from ..core.files import atomic_path, sha256_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return sha256_file(path)
+    return sha256_file(Path(path))
 
 
 def summary_path(out: str | Path) -> Path:
