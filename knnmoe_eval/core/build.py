@@ -72,7 +72,7 @@ class MemoryBuilder:
 
     # -- resumable state -------------------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"model": self.signature, "build": self.opts.build_settings}
+        return {"model": self.signature, "build": build_settings(self.opts)}
 
     def _check_out_dir(self) -> None:
         if (self.out / MANIFEST).exists():
@@ -87,7 +87,7 @@ class MemoryBuilder:
                     f"{self.out} holds a partial build for another model ({old['model'].get('name_or_path')!r}); "
                     "use another directory or delete it"
                 )
-            if old["build"] != self.opts.build_settings:
+            if old["build"] != build_settings(self.opts):
                 raise KnnMoeError(
                     f"{self.out} holds a partial build with other settings {old['build']}; resume it with those "
                     "settings, or use another directory"
@@ -211,7 +211,7 @@ class MemoryBuilder:
                 offset += count
         order = sorted(where)
         n = sum(where[r][2] for r in order)
-        settings = {**self.opts.build_settings, "requests": len(order), "tasks": sorted({r[0] for r in order})}
+        settings = {**build_settings(self.opts), "requests": len(order), "tasks": sorted({r[0] for r in order})}
         with ExitStack() as stack:
             shards: dict[Path, object] = {}
 
@@ -248,6 +248,12 @@ def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: l
         raise KnnMoeError(f"request {rid} has an empty continuation: a build task's target must be the gold answer")
     whole = (context_enc + continuation_enc)[-(max_length + 1):]
     return RefSequence(rid, whole[:-1], whole[1:], min(len(continuation_enc), len(whole) - 1))
+
+
+def build_settings(opts: KnnMoeOptions) -> dict:
+    """What a built memory records about how it was built (labels: null = gold answers)."""
+    settings = {n: getattr(opts, n) for n in ("eta", "steps", "loss", "grad", "optimizer", "positions")}
+    return {**settings, "labels": None if opts.labels is None else describe(opts.labels)}
 
 
 def describe(labels_path: str | Path) -> dict:

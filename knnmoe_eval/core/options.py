@@ -82,14 +82,6 @@ class KnnMoeOptions:
         if self.labels is not None and not os.path.isfile(self.labels):
             bad("labels", "no such file; write one with python -m knnmoe_eval.harness.labels")
 
-    @property
-    def build_settings(self) -> dict:
-        """What a built memory records about how it was built (labels: null = gold answers)."""
-        from .build import describe
-
-        settings = {n: getattr(self, n) for n in ("eta", "steps", "loss", "grad", "optimizer", "positions")}
-        return {**settings, "labels": None if self.labels is None else describe(self.labels)}
-
 
 OPTION_NAMES = tuple(f.name for f in fields(KnnMoeOptions))
 
