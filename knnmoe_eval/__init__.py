@@ -12,7 +12,6 @@ _LAZY = {
     "attach": "knnmoe_eval.retrieval",
     "Retriever": "knnmoe_eval.retrieval",
     "KnnMoeOptions": "knnmoe_eval.options",
-    "BuildOptions": "knnmoe_eval.options",
     "Memory": "knnmoe_eval.memory",
     "load_memory": "knnmoe_eval.memory",
     "write_memory": "knnmoe_eval.memory",
