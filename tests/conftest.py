@@ -9,6 +9,11 @@ from knnmoe_eval.families import find_routers
 from knnmoe_eval.hooks import hooked_routers
 from knnmoe_eval.memory import model_signature, write_memory
 from knnmoe_eval.tiny import FAMILIES, make_tiny_model, save_tiny
+from knnmoe_eval.toy import ToyConfig
+
+# a toy small enough to train in a fraction of a second (2 steps): for the data, the tasks and the pipeline, not
+# for accuracy
+SMALL_TOY = ToyConfig(n_train=64, n_indomain_test=12, n_shift_ref=6, n_shift_test=10, steps=2, batch_size=8)
 
 TASKS = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
 
@@ -52,4 +57,4 @@ def empty_keys(model):
     return {l: torch.zeros(0, sig["hidden_size"]) for l in sig["moe_layers"]}
 
 
-__all__ = ["make_tiny_model", "signature", "router_inputs", "write_constant_memory", "empty_keys", "TASKS"]
+__all__ = ["make_tiny_model", "signature", "router_inputs", "write_constant_memory", "empty_keys", "TASKS", "SMALL_TOY"]
