@@ -9,7 +9,12 @@ from knnmoe_eval.core.families import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.core.memory import write_memory
 from knnmoe_eval.core.signature import model_signature
+from knnmoe_eval.experiments.toy import ToyConfig
 from knnmoe_eval.testing import FAMILIES, make_tiny_model, save_tiny
+
+# a toy small enough to train in a fraction of a second (2 steps): for the data, the tasks and the pipeline, not
+# for accuracy
+SMALL_TOY = ToyConfig(n_train=64, n_indomain_test=12, n_shift_ref=6, n_shift_test=10, steps=2, batch_size=8)
 
 TASKS = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
 
@@ -53,4 +58,4 @@ def empty_keys(model):
     return {l: torch.zeros(0, sig["hidden_size"]) for l in sig["moe_layers"]}
 
 
-__all__ = ["make_tiny_model", "signature", "router_inputs", "write_constant_memory", "empty_keys", "TASKS"]
+__all__ = ["make_tiny_model", "signature", "router_inputs", "write_constant_memory", "empty_keys", "TASKS", "SMALL_TOY"]

@@ -1,16 +1,19 @@
 """The experiments runner, reduced: two benchmarks, few items, every method, every ablation."""
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_toy import SMALL
+from conftest import SMALL_TOY
 
 from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
-from knnmoe_eval.experiments.runner import Runner, Settings, table
+from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
 from knnmoe_eval.testing import save_tiny
+
+pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds and SFT on a toy
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (IVFPQ)", "kNN-MoE (Selective)",
@@ -19,7 +22,7 @@ TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(SMALL, n_shift_ref=40, n_shift_test=16), progress=False))
+    return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(SMALL_TOY, n_shift_ref=40, n_shift_test=16), progress=False))
 
 
 def toy_settings(toy_dir, out, **kw):
@@ -55,24 +58,32 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
 
 def test_changed_settings_recompute_only_what_they_touch(toy_dir, tmp_path):
     runner = Runner(toy_settings(toy_dir, tmp_path))
-    from knnmoe_eval.experiments.runner import BENCHMARKS
-
     bench = BENCHMARKS["toy_shift"]
     first = runner.knn(bench, k=1)
     memories = sorted(p.name for p in (tmp_path / "memories").iterdir())
     second = runner.knn(bench, k=2)
-    assert second["config"]["k"] == 2 and first["config"]["k"] == 1
-    assert sorted(p.name for p in (tmp_path / "memories").iterdir()) == memories  # same memory, new evaluation
+    assert sorted(p.name for p in (tmp_path / "memories").iterdir()) == memories  # same memory ...
+    # ... and a new evaluation that searched two neighbours: the nearest no longer holds all the similarity mass
+    shares = lambda run: [d["top1_share"] for d in run["diagnostics"].values()]  # noqa: E731
+    assert shares(first) == [1.0, 1.0]
+    assert all(s is not None and s < 1.0 for s in shares(second))
 
 
 @pytest.fixture(scope="module")
-def ablation_out(tmp_path_factory):
-    return tmp_path_factory.mktemp("ablations")  # shared, so that later ablations reuse earlier pieces
+def shared_pieces(toy_dir, tmp_path_factory):
+    """The pieces most ablations reuse (zero-shot runs, perplexities, the paper and dense memories), computed
+    once; each ablation starts from its own copy, so no ablation depends on which ran before it."""
+    out = tmp_path_factory.mktemp("pieces")
+    runner = Runner(toy_settings(toy_dir, out, judge="knn-dense"))
+    for name in ("toy_shift", "toy_indomain"):
+        bench = BENCHMARKS[name]
+        runner.zero_shot(bench), runner.perplexity(bench), runner.knn(bench), runner.memory(bench, **DENSE)
+    return out
 
 
 @pytest.mark.parametrize("name", ablations.ABLATIONS)
-def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, monkeypatch):
-    tmp_path = ablation_out
+def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces, tmp_path):
+    shutil.copytree(shared_pieces, tmp_path, dirs_exist_ok=True)
     runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
                                  step_values=(1, 2)))
     markdown = ablations.run(runner, name)
@@ -81,23 +92,17 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, 
     assert markdown.count("\n|") == len(rows) + 2  # header, rule, one line per row
     if name == "n":
         assert [r["N"] for r in rows] == [0, 32, 40]
-        zero = runner.zero_shot(runner_bench("toy_shift"))
+        zero = runner.zero_shot(BENCHMARKS["toy_shift"])
         assert rows[0]["toy_shift"] == sum(zero["scores"]) / len(zero["scores"])  # N = 0 is zero-shot
     if name == "k":
         assert rows[0]["top-1 share"] == 1.0  # one neighbour holds all the mass
-        assert 0.5 <= rows[1]["top-1 share"] <= 1.0
+        assert rows[1]["top-1 share"] < 1.0  # the second neighbour takes some of the mass
     if name == "ppl":
         assert [r["PPL bucket"] for r in rows] == ["High", "Mid", "Low"] and sum(r["items"] for r in rows) == 24
     if name == "latency":
         assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq"}
     if name == "unlabelled":
         assert [r["labels"] for r in rows] == ["none (zero-shot)", "gold", "self", "judge"]
-
-
-def runner_bench(name):
-    from knnmoe_eval.experiments.runner import BENCHMARKS
-
-    return BENCHMARKS[name]
 
 
 def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from lm_eval.tasks import TaskManager
 from safetensors.torch import load_file
 
 from knnmoe_eval import KnnMoeError, KnnMoeOptions
-from knnmoe_eval.experiments import toy
+from knnmoe_eval.experiments.runner import toy
 from knnmoe_eval.harness.labels import make_labels, read_labels, ref_task_name, summary_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +89,7 @@ def gold_memory(manager, toy_dir, tmp_path_factory):
     return mem
 
 
+@pytest.mark.e2e  # labels and builds through lm-eval on the toy
 def test_labeller_writes_one_label_per_doc_and_its_agreement_is_lm_eval_acc(self_labels, toy_dir, manager):
     out, summary = self_labels
     records = read_jsonl(out)
@@ -109,6 +110,7 @@ def test_labeller_writes_one_label_per_doc_and_its_agreement_is_lm_eval_acc(self
     assert 0 < agrees < CONFIG.n_shift_ref
 
 
+@pytest.mark.e2e
 def test_labeller_takes_an_already_loaded_model(self_labels, toy_dir, manager, tmp_path):
     from lm_eval.models.huggingface import HFLM
 
@@ -124,6 +126,7 @@ def layer_files(memory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(memory.glob("layer_*.safetensors"))}
 
 
+@pytest.mark.e2e
 def test_gold_labels_build_is_bit_identical_to_the_gold_build(manager, toy_dir, gold_memory, tmp_path):
     labels = tmp_path / "gold.jsonl"
     summary = make_labels("gold", None, [MC], labels, task_manager=manager)
@@ -135,6 +138,7 @@ def test_gold_labels_build_is_bit_identical_to_the_gold_build(manager, toy_dir, 
     assert json.loads((gold_memory / "manifest.json").read_text())["build"]["labels"] is None
 
 
+@pytest.mark.e2e
 def test_self_labels_change_exactly_the_values_of_disagreeing_docs(manager, toy_dir, gold_memory, self_labels,
                                                                    tmp_path):
     out, _ = self_labels
@@ -149,6 +153,7 @@ def test_self_labels_change_exactly_the_values_of_disagreeing_docs(manager, toy_
         assert same == agrees
 
 
+@pytest.mark.e2e
 def test_missing_label_is_an_error_not_a_gold_fallback(manager, toy_dir, self_labels, tmp_path):
     lines = Path(self_labels[0]).read_text().splitlines()
     partial = tmp_path / "partial.jsonl"
@@ -158,6 +163,7 @@ def test_missing_label_is_an_error_not_a_gold_fallback(manager, toy_dir, self_la
     assert not (tmp_path / "mem" / "manifest.json").exists()
 
 
+@pytest.mark.e2e
 def test_label_made_on_another_context_is_refused(manager, toy_dir, self_labels, tmp_path):
     records = read_jsonl(self_labels[0])
     records[5]["context"] = "#" + records[5]["context"][1:]
@@ -167,11 +173,13 @@ def test_label_made_on_another_context_is_refused(manager, toy_dir, self_labels,
         build(manager, toy_dir, tmp_path / "mem", moved)
 
 
-def test_bad_labels_input_is_refused(tmp_path, self_labels):
+def test_bad_labels_input_is_refused(tmp_path):
     with pytest.raises(KnnMoeError, match="labelling task"):
         ref_task_name("knnmoe_toy_shift_ref")
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("")
     with pytest.raises(KnnMoeError, match="mode=build only"):
-        KnnMoeOptions(memory="m", labels=str(self_labels[0]))
+        KnnMoeOptions(memory="m", labels=str(labels))
     with pytest.raises(KnnMoeError, match="no such file"):
         KnnMoeOptions(memory="m", mode="build", labels=str(tmp_path / "nope.jsonl"))
     bad = tmp_path / "bad.jsonl"

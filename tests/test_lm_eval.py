@@ -10,7 +10,7 @@ import lm_eval
 import lm_eval.tasks
 import pytest
 import torch
-from conftest import TASKS
+from conftest import TASKS, router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.families import find_routers
@@ -44,16 +44,20 @@ def empty_memory(olmoe_dir, tmp_path_factory):
                             {l: torch.zeros(0, sig["num_experts"]) for l in sig["moe_layers"]}, sig))
 
 
-def test_empty_memory_reproduces_hf_through_lm_eval(olmoe_dir, empty_memory):
+@pytest.mark.e2e
+def test_empty_memory_reproduces_hf_through_lm_eval(olmoe_dir, empty_memory, tmp_path):
     tasks = ["tinyqa", "tinyqa_gen"]
     stock = evaluate("hf", f"pretrained={olmoe_dir}", tasks)
-    ours = evaluate("hf-knnmoe", f"pretrained={olmoe_dir},memory={empty_memory}", tasks)
+    diagnostics = tmp_path / "diagnostics.json"
+    ours = evaluate("hf-knnmoe", f"pretrained={olmoe_dir},memory={empty_memory},diagnostics={diagnostics}", tasks)
     for task in tasks:
         assert per_doc(ours, task) == per_doc(stock, task)
     diag = ours["config"]["knnmoe"]["diagnostics"]
     assert set(diag) == {"0", "1"} and all(d["tokens"] > 0 and d["mean_lambda"] == 0 for d in diag.values())
+    assert json.loads(diagnostics.read_text()) == diag  # diagnostics=FILE holds what the results JSON holds
 
 
+@pytest.mark.e2e
 def test_build_then_self_retrieval_lowers_the_reference_nll(olmoe_dir, tmp_path):
     mem = tmp_path / "mem"
     built = evaluate("hf-knnmoe", f"pretrained={olmoe_dir},mode=build,memory={mem},eta=100", ["tinyqa_ref"])
@@ -67,6 +71,7 @@ def test_build_then_self_retrieval_lowers_the_reference_nll(olmoe_dir, tmp_path)
     assert json.loads((mem / "manifest.json").read_text())["build"]["requests"] == 12
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("task, message", [("tinyqa", "several answer choices"), ("tinyqa_gen", "loglikelihood build")])
 def test_build_mode_refuses_tasks_that_are_not_build_tasks(olmoe_dir, tmp_path, task, message):
     with pytest.raises(KnnMoeError, match=message):
@@ -74,6 +79,7 @@ def test_build_mode_refuses_tasks_that_are_not_build_tasks(olmoe_dir, tmp_path, 
     assert not (tmp_path / "m" / "manifest.json").exists()
 
 
+@pytest.mark.e2e
 def test_unsupported_family_is_refused_at_load(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -87,6 +93,7 @@ def test_unsupported_family_is_refused_at_load(tmp_path):
         evaluate("hf-knnmoe", f"pretrained={tmp_path},memory={tmp_path}", ["tinyqa"])
 
 
+@pytest.mark.e2e
 def test_plain_lm_eval_cli_finds_hf_knnmoe_and_saves_diagnostics(olmoe_dir, empty_memory, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf-knnmoe",
@@ -104,6 +111,7 @@ def test_registration_hook_costs_no_heavy_import():
     assert out == ["False", "False", "True"]
 
 
+@pytest.mark.e2e
 def test_two_process_build_equals_the_one_process_build(olmoe_dir, tmp_path):
     """torchrun + ACCELERATE_USE_CPU=1: each rank builds its share of the requests; rank 0 merges in request order."""
     from safetensors.torch import load_file
@@ -112,7 +120,8 @@ def test_two_process_build_equals_the_one_process_build(olmoe_dir, tmp_path):
     evaluate("hf-knnmoe", f"pretrained={olmoe_dir},mode=build,memory={single}", ["tinyqa_ref"])
     double = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", "29541",
+    # --standalone: the rendezvous takes a free port, so parallel test runs never collide
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
            "-m", "lm_eval", "--model", "hf-knnmoe", "--model_args",
            f"pretrained={olmoe_dir},mode=build,memory={double}", "--tasks", "tinyqa_ref", "--include_path", TASKS,
            "--batch_size", "4"]
@@ -124,3 +133,37 @@ def test_two_process_build_equals_the_one_process_build(olmoe_dir, tmp_path):
         b = load_file(str(double / f"layer_{layer:03d}.safetensors"))
         assert torch.equal(a["keys"], b["keys"])
         torch.testing.assert_close(a["values"], b["values"], rtol=0, atol=1e-5)  # other batches, other padding
+
+
+def test_left_padded_generation_searches_only_real_tokens_and_equals_unpadded(olmoe_dir, tmp_path):
+    """`_model_generate` as lm-eval calls it, on a left-padded batch: the padding rows never reach the index (the
+    searched-token count is exactly the real tokens'), and each row generates what its prompt generates alone."""
+    from transformers import AutoModelForCausalLM
+
+    from knnmoe_eval.harness.lm import KnnMoeLM
+
+    model = AutoModelForCausalLM.from_pretrained(olmoe_dir)
+    prompts = [torch.randint(4, 250, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 4)]
+    mem = write_constant_memory(tmp_path / "mem", model, router_inputs(model, prompts[0][None]),
+                                lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10)
+    lm = KnnMoeLM(pretrained=olmoe_dir, memory=str(mem), device="cpu", batch_size=2)
+    width, new = max(len(p) for p in prompts), 5
+    pad = torch.full((width,), lm.tokenizer.pad_token_id)
+    context = torch.stack([torch.cat([pad[: width - len(p)], p]) for p in prompts])
+    attention_mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+
+    def generate(ids, mask):
+        lm.retriever.reset_diagnostics()
+        out = lm._model_generate(ids, max_length=ids.shape[1] + new, stop=[], attention_mask=mask)
+        return out[:, ids.shape[1]:], lm.retriever.diagnostics()
+
+    batched, diag = generate(context, attention_mask)
+    alone = [generate(p[None], torch.ones(1, len(p), dtype=torch.long)) for p in prompts]
+    assert all(d["mean_lambda"] > 0 for d in diag.values())  # the memory is in play
+    for row, (tokens, _) in zip(batched, alone):
+        assert torch.equal(row, tokens[0])
+    # the prompts' real tokens in the first forward, then one token per row for each further step
+    real = sum(len(p) for p in prompts) + len(prompts) * (new - 1)
+    for layer, d in diag.items():
+        assert d["tokens"] == real == sum(a[layer]["tokens"] for _, a in alone)
+

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
 from knnmoe_eval.core.files import sha256_file
-from knnmoe_eval.core.memory import write_memory
+from knnmoe_eval.core.memory import MANIFEST_SHA256, manifest_digest, write_memory
 from knnmoe_eval.core.options import KnnMoeOptions, split_model_args
 from knnmoe_eval.testing import make_tiny_model
 
@@ -39,6 +39,27 @@ def test_round_trip_keeps_fp16_keys_fp32_values_and_sigma_stats(mem, model):
 def test_missing_directory(tmp_path, model):
     with pytest.raises(KnnMoeError, match="does not exist. Build one"):
         with attach(model, tmp_path / "nope"):
+            pass
+
+
+def test_memory_pointing_at_a_file_says_it_is_a_file(mem, model):
+    manifest = mem / "manifest.json"
+    with pytest.raises(KnnMoeError, match="is a file, not a memory directory"):
+        with attach(model, manifest):
+            pass
+    for mode in ("eval", "build"):
+        with pytest.raises(KnnMoeError, match=r"memory=.*manifest.json.*is a file, not a memory directory"):
+            KnnMoeOptions(memory=str(manifest), mode=mode)
+
+
+def test_unknown_index_names_the_option_and_its_choices(mem, model):
+    with pytest.raises(KnnMoeError, match=r"index='garbage' is neither exact, ivfpq, hnsw nor a faiss factory "
+                                          r"string.*could not parse"):
+        with attach(model, mem, index="garbage"):
+            pass
+    # a real factory string that does not fit these keys (d = 32: 5 sub-quantizers do not divide it)
+    with pytest.raises(KnnMoeError, match=r"index='PQ5'.*dimension 32.*multiple of the number of subquantizers"):
+        with attach(model, mem, index="PQ5"):
             pass
 
 
@@ -93,6 +114,7 @@ def test_nan_keys_are_refused_at_write_and_at_load(tmp_path, mem, model):
     save_file({"keys": bad_keys, "values": good.values}, str(f))
     manifest = json.loads((mem / "manifest.json").read_text())
     manifest["layers"]["0"]["sha256"] = sha256_file(f)
+    manifest[MANIFEST_SHA256] = manifest_digest(manifest)
     (mem / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(KnnMoeError, match="NaN"):
         load_memory(mem)

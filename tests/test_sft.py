@@ -67,6 +67,7 @@ def merged_state(pretrained, adapter=None):
     return model, model.state_dict()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["lora", "router"])
 @pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral"])
 def test_training_lowers_val_loss_and_the_adapter_loads_through_hf_peft(trained, family, method):
@@ -83,6 +84,7 @@ def test_training_lowers_val_loss_and_the_adapter_loads_through_hf_peft(trained,
     assert adapted < stock - 1e-4  # the rel=1e-5 matches above are ~5e-5 wide
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])
 def test_router_sft_changes_router_weights_only(trained, family):
     pretrained, out, _ = trained(family, "router")
@@ -93,6 +95,7 @@ def test_router_sft_changes_router_weights_only(trained, family):
     assert {k for k in stock if not torch.equal(stock[k], tuned[k])} == router_params
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family, extra", [
     ("olmoe", ()),
     ("qwen2_moe", ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
@@ -112,6 +115,7 @@ def test_lora_covers_attention_router_and_every_expert(model_dir, tmp_path, fami
     assert {k for k in stock if not torch.equal(stock[k], tuned[k])} == expected
 
 
+@pytest.mark.e2e
 def test_resumed_run_equals_uninterrupted_bit_for_bit(model_dir, tmp_path):
     pretrained = model_dir("olmoe")
     full = sft(pretrained, tmp_path / "full", "lora", epochs=2)
@@ -126,6 +130,7 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(model_dir, tmp_path):
     assert not (tmp_path / "resumed" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_finished_run_is_reused_without_training_and_other_settings_refused(trained, monkeypatch):
     pretrained, out, summary = trained("olmoe", "router")
 
@@ -139,6 +144,7 @@ def test_finished_run_is_reused_without_training_and_other_settings_refused(trai
         sft(pretrained, out, "router", epochs=5)
 
 
+@pytest.mark.e2e
 def test_interrupted_run_with_other_settings_is_refused(model_dir, tmp_path):
     pretrained = model_dir("olmoe")
     sft(pretrained, tmp_path / "out", "router", epochs=2, stop_after_epochs=1)
@@ -180,6 +186,7 @@ def test_split_is_seeded_disjoint_and_refuses_empty():
         split([], 0.15, seed=0)
 
 
+@pytest.mark.e2e
 def test_cli_prints_the_summary(trained, capsys):
     from knnmoe_eval.experiments.sft import main
 

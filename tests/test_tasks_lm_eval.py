@@ -14,6 +14,8 @@ from lm_eval.tasks import TaskManager
 
 from knnmoe_eval.benchmarks.data import data as B
 
+pytestmark = pytest.mark.e2e  # lm-eval runs over every benchmark's tasks, one through the `lm_eval` command
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "fixtures" / "data"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -67,11 +69,15 @@ def test_lm_eval_cli_runs_knnmoe_test_with_hf_offline(tmp_path):
     command = [
         str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args", f"pretrained={model}",
         "--device", "cpu", "--tasks", "knnmoe_test", "--include_path", "tasks",
-        "--metadata", f"data_dir={DATA}", "--limit", "2", "--output_path", str(tmp_path / "out"),
+        "--metadata", f"data_dir={DATA}", "--limit", "2", "--output_path", str(tmp_path / "out"), "--log_samples",
     ]
     run = subprocess.run(command, cwd=ROOT, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     results = json.loads(results_file.read_text())
-    assert results["results"]["knnmoe_test"]["acc,none"] >= 0
     assert results["n-samples"]["knnmoe_supergpqa"] == {"original": 16, "effective": 2}
+    # the group's accuracy is the mean over every item the model answered (2 per multiple-choice benchmark)
+    accs = [json.loads(line)["acc"] for b in B.SPLITS if b != "mbpp"
+            for f in results_file.parent.glob(f"samples_knnmoe_{b}_2*.jsonl") for line in f.read_text().splitlines()]
+    assert len(accs) == 2 * (len(B.SPLITS) - 1)
+    assert results["results"]["knnmoe_test"]["acc,none"] == pytest.approx(sum(accs) / len(accs))

@@ -37,15 +37,17 @@ def _hooked_forward(site: RouterSite, transform: Transform, calls: dict[int, int
 @contextmanager
 def hooked_routers(sites: Sequence[RouterSite], transform: Transform, check_fired: bool = True) -> Iterator[None]:
     calls = {site.layer: 0 for site in sites}
+    installed = []  # only these are ours to remove: a refused nested hook leaves the outer context's in place
     try:
         for site in sites:
             if "forward" in vars(site.module):
                 raise KnnMoeError(f"router {site.name} is already hooked: kNN-MoE hooks cannot be nested")
             site.module.forward = _hooked_forward(site, transform, calls)
+            installed.append(site)
         yield
     finally:
-        for site in sites:
-            vars(site.module).pop("forward", None)
+        for site in installed:
+            del site.module.forward
     if check_fired and any(n == 0 for n in calls.values()):
         silent = [site.name for site in sites if calls[site.layer] == 0]
         raise KnnMoeError(

@@ -82,6 +82,16 @@ def factory_string(index: str, d: int, n: int) -> str:
         return ivfpq_factory(d, n)
     if index == "hnsw":
         return f"PCA{max(1, d // 8)},HNSW32"
+    import faiss
+
+    try:  # parsed now, at setup, so that a typo is not a raw faiss error (or a failure mid-evaluation)
+        faiss.index_factory(d, index, faiss.METRIC_L2)
+    except RuntimeError as e:
+        why = str(e).splitlines()[0].rpartition(": ")[2]  # faiss prefixes its C++ location
+        raise KnnMoeError(
+            f"model_arg index={index!r} is neither exact, ivfpq, hnsw nor a faiss factory string for keys of "
+            f"dimension {d} ({why}); choose exact, ivfpq, hnsw or e.g. index=IVF64,Flat"
+        ) from None
     return index
 
 

@@ -8,7 +8,10 @@ A memory is a directory:
 The manifest describes everything a reader needs (shapes and dtypes, the model it was built for down to a
 fingerprint of every router's weights, build settings, sigma statistics, a sha256 per file), so readers never
 infer anything from file names and a memory from another model, a truncated file or a half-finished build is
-refused before the first forward. Only safetensors and JSON are read: loading a memory cannot run code.
+refused before the first forward. The manifest carries its own sha256 (`manifest_sha256`, over its canonical JSON)
+and is checked against a schema (`check_manifest`: every field, its type), so an edited or damaged manifest is
+refused with the field's name instead of failing later or silently changing the outputs. Only safetensors and
+JSON are read: loading a memory cannot run code.
 
 Memories may be larger than RAM. Layer files are written by streaming row chunks after a precomputed header
 (`write_memory_streamed`; the bytes are those `safetensors.save_file` would write), and `load_memory` returns
@@ -20,7 +23,10 @@ walk the keys chunk by chunk.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -33,14 +39,109 @@ from .files import atomic_path, sha256_file, write_json_atomic
 from .sigma import layer_stats
 
 FORMAT = "knnmoe-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum and is validated against its schema
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest_sha256"  # the manifest's checksum, stored inside it (see manifest_digest)
 ROWS = 16_384  # rows per chunk when walking a layer: 64 MB of fp16 keys at d = 2048
 
 
 def all_finite(x: torch.Tensor) -> bool:
     """isfinite over row chunks: a whole-tensor check would allocate a bool copy as large as a quarter of it."""
     return all(bool(torch.isfinite(c).all()) for c in x.split(ROWS)) if len(x) else True
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, compact), its own checksum field left out.
+
+    Stored in the manifest itself: the layer files are checksummed by it, and this protects what the checksums
+    cannot, the manifest's own fields (a σ statistic edited by hand or by a bit flip would change every output).
+    """
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_SHA256}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# kind -> (test, what the value must be); a manifest field is one of these kinds
+_KINDS = {
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "positive": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "count": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "sha256": (lambda v: isinstance(v, str) and bool(_SHA256.fullmatch(v)), "a sha256 hex digest"),
+    "layers": (lambda v: isinstance(v, list) and len(v) > 0 and all(_is_int(x) and x >= 0 for x in v)
+               and len(set(v)) == len(v), "a non-empty list of distinct layer indices"),
+    "file": (lambda v: isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v,
+             "a .safetensors file name inside the memory directory"),
+    "float16": (lambda v: v == "float16", '"float16"'),
+    "float32": (lambda v: v == "float32", '"float32"'),
+    "distance": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         and math.isfinite(v) and v >= 0), "a number >= 0, or null"),
+}
+_SCHEMA = {
+    "format": "text",
+    "format_version": "positive",
+    "knnmoe_eval_version": "text",
+    "created": "text",
+    "build": "object",  # how the memory was built: recorded for people, never read when loading
+    MANIFEST_SHA256: "sha256",
+    "model": {
+        "name_or_path": "text",
+        "model_type": "text",
+        "hidden_size": "positive",
+        "num_experts": "positive",
+        "top_k": "positive",
+        "moe_layers": "layers",
+        "router_fingerprints": "object",  # one sha256 per MoE layer, checked below
+    },
+    "layers": "object",  # one entry per MoE layer, each of _LAYER_SCHEMA, checked below
+}
+_LAYER_SCHEMA = {
+    "file": "file",
+    "num_keys": "count",
+    "keys_dtype": "float16",
+    "values_dtype": "float32",
+    "sha256": "sha256",
+    "mean_nn_sq_dist": "distance",  # the basis of sigma=auto (rbf)
+    "mean_nn_sq_dist_l2": "distance",  # the same on L2-normalised keys (rbf_l2)
+}
+
+
+def check_manifest(manifest, where: str) -> None:
+    """Raise, naming the field and what it must be, unless `manifest` has every field of the schema, typed."""
+
+    def bad(field: str, why: str):
+        raise KnnMoeError(f"{where}: manifest field {field} {why}. The manifest is corrupted or was not written by "
+                          "this version of knnmoe-eval: rebuild the memory.")
+
+    def walk(obj, schema: dict, prefix: str):
+        if not isinstance(obj, dict):
+            bad(prefix.rstrip(".") or "(top level)", "must be a JSON object")
+        for name, kind in schema.items():
+            if name not in obj:
+                bad(prefix + name, "is missing")
+            if isinstance(kind, dict):
+                walk(obj[name], kind, f"{prefix}{name}.")
+            elif not _KINDS[kind][0](obj[name]):
+                bad(prefix + name, f"is {obj[name]!r} but must be {_KINDS[kind][1]}")
+
+    walk(manifest, _SCHEMA, "")
+    model = manifest["model"]
+    if model["top_k"] > model["num_experts"]:
+        bad("model.top_k", f"is {model['top_k']} but must be <= model.num_experts ({model['num_experts']})")
+    ids = sorted(str(layer) for layer in model["moe_layers"])
+    # a dropped fingerprint would silently skip that layer's check against the model
+    for name in ("model.router_fingerprints", "layers"):
+        found = model["router_fingerprints"] if name != "layers" else manifest["layers"]
+        if sorted(found) != ids:
+            bad(name, f"has entries for layers {sorted(found)} but must have one for each of model.moe_layers {ids}")
+    for layer in ids:
+        if not _KINDS["sha256"][0](model["router_fingerprints"][layer]):
+            bad(f"model.router_fingerprints.{layer}", "must be a sha256 hex digest")
+        walk(manifest["layers"][layer], _LAYER_SCHEMA, f"layers.{layer}.")
 
 
 @dataclass(frozen=True)
@@ -170,18 +271,18 @@ def write_memory_streamed(
         }
     from .. import __version__
 
-    write_json_atomic(
-        out / MANIFEST,
-        {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "knnmoe_eval_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": signature,
-            "build": build or {},
-            "layers": entries,
-        },
-    )
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "knnmoe_eval_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": signature,
+        "build": build or {},
+        "layers": entries,
+    }
+    manifest[MANIFEST_SHA256] = manifest_digest(manifest)
+    check_manifest(manifest, f"memory {out}")  # never write what loading would refuse
+    write_json_atomic(out / MANIFEST, manifest)
     return out
 
 
@@ -215,6 +316,8 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
     Keys and values are memory-mapped (safetensors maps the file): nothing is resident until it is read.
     """
     out = Path(path)
+    if out.is_file():
+        raise KnnMoeError(f"memory {out} is a file, not a memory directory; pass the directory that holds {MANIFEST}")
     if not out.is_dir():
         raise KnnMoeError(
             f"memory directory {out} does not exist. Build one with "
@@ -226,14 +329,22 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             "Rerun the same build command to resume it."
         )
     try:
-        manifest = json.loads((out / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads((out / MANIFEST).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KnnMoeError(f"{out / MANIFEST} is not valid JSON ({e}); the memory is corrupted, rebuild it") from e
+    if not isinstance(manifest, dict):
+        raise KnnMoeError(f"{out / MANIFEST} is not a JSON object; the memory is corrupted, rebuild it")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise KnnMoeError(
             f"{out} is not a {FORMAT} v{FORMAT_VERSION} memory (found {manifest.get('format')!r} "
             f"v{manifest.get('format_version')!r}); rebuild it with this version of knnmoe-eval"
         )
+    if manifest.get(MANIFEST_SHA256) != manifest_digest(manifest):
+        raise KnnMoeError(
+            f"{out / MANIFEST} was changed after the memory was written (its {MANIFEST_SHA256} does not match its "
+            "content): the memory is corrupted or was edited by hand; rebuild it"
+        )
+    check_manifest(manifest, f"memory {out}")
     d, n_exp = manifest["model"]["hidden_size"], manifest["model"]["num_experts"]
     layers = {}
     for layer, entry in manifest["layers"].items():
@@ -257,7 +368,5 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
         if not (all_finite(keys) and all_finite(values)):
             raise KnnMoeError(f"{file} contains NaN or inf in its keys or values; rebuild the memory")
         layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in ("mean_nn_sq_dist", "mean_nn_sq_dist_l2")})
-    if sorted(layers) != sorted(manifest["model"]["moe_layers"]):
-        raise KnnMoeError(f"{out}: manifest lists layers {sorted(layers)} but the model has {manifest['model']['moe_layers']}")
     return Memory(out, manifest, layers)
 

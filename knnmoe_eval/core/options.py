@@ -53,6 +53,9 @@ class KnnMoeOptions:
             bad("mode", "choose eval or build")
         if self.memory is None:
             bad("memory", "hf-knnmoe needs memory=DIR (the memory to read, or in mode=build the one to write)")
+        if os.path.isfile(self.memory):
+            bad("memory", "this is a file, not a memory directory; pass the directory that holds manifest.json "
+                "(or, in mode=build, a new directory)")
         if not (isinstance(self.k, int) and self.k >= 1):
             bad("k", "must be an integer >= 1")
         if self.similarity not in SIMILARITIES:
