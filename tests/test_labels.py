@@ -9,7 +9,7 @@ from lm_eval.tasks import TaskManager
 from safetensors.torch import load_file
 
 from knnmoe_eval import KnnMoeError, KnnMoeOptions
-from knnmoe_eval.experiments.runner import toy
+from knnmoe_eval.experiments import toy
 from knnmoe_eval.harness.labels import make_labels, read_labels, ref_task_name, summary_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from knnmoe_eval.benchmarks.data import code_exec
-from knnmoe_eval.benchmarks.data import data as B
+from knnmoe_eval.benchmarks import code_exec
+from knnmoe_eval.benchmarks import data as B
 from knnmoe_eval.errors import KnnMoeError
 
 TESTS = ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from knnmoe_eval.benchmarks.data import data as B
+from knnmoe_eval.benchmarks import data as B
 from knnmoe_eval.errors import KnnMoeError
 
 DATA = Path(__file__).parent / "fixtures" / "data"

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from knnmoe_eval.benchmarks.data import fewshot
+from knnmoe_eval.benchmarks import fewshot
 from knnmoe_eval.errors import KnnMoeError
 
 POOL = [

@@ -12,7 +12,7 @@ from lm_eval import simple_evaluate
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 
-from knnmoe_eval.benchmarks.data import data as B
+from knnmoe_eval.benchmarks import data as B
 
 pytestmark = pytest.mark.e2e  # lm-eval runs over every benchmark's tasks, one through the `lm_eval` command
 

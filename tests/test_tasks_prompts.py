@@ -6,7 +6,7 @@ import pytest
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from knnmoe_eval.benchmarks.data import data as B
+from knnmoe_eval.benchmarks import data as B
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tasks"

@@ -199,7 +199,7 @@ def load(benchmark: str, part: str, data_dir=None, ref_size=None, split_seed=SEE
     if part not in ("test", "reference", "pool"):
         raise KnnMoeError(f"part must be test, reference or pool, not {part!r}")
     if runs_code:
-        from knnmoe_eval.benchmarks.data.code_exec import require_opt_in
+        from knnmoe_eval.benchmarks.code_exec import require_opt_in
 
         require_opt_in()
     test, reference = split_sets(
@@ -296,7 +296,7 @@ def extract_code(response: str) -> str:
 
 
 def mbpp_process_generation(doc: dict, results: list[str]) -> dict[str, int]:
-    from knnmoe_eval.benchmarks.data.code_exec import passes
+    from knnmoe_eval.benchmarks.code_exec import passes
 
     passed = int(passes(extract_code(results[0]), doc["test_list"], setup=doc["test_setup_code"]))
     # pass@1 with one greedy sample per problem; also reported as `acc` so that the group "Avg." concatenates it
