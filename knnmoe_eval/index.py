@@ -361,7 +361,7 @@ def rerank(q: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, key_norm: tor
     else:
         score = norm.pow(2) / (2 * q_norm) - dot
     order = score.masked_fill(~found, float("inf")).topk(k, dim=-1, largest=False).indices  # (m, k)
-    kept = cand.gather(1, order.unsqueeze(-1).expand(-1, -1, cand.shape[-1])).float()  # (m, k, d)
+    kept = cand[torch.arange(len(cand), device=cand.device).unsqueeze(1), order].float()  # (m, k, d)
     if normalize:
         kept = kept / norm.gather(1, order).clamp_min(1e-12).unsqueeze(-1)
     dist2 = (kept - q.unsqueeze(1)).pow(2).sum(-1)  # (m, k)
