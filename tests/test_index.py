@@ -50,6 +50,12 @@ def test_ivfpq_is_the_papers_and_ivfpq_rerank_ours_with_lists_scaling_with_n():
     assert small.startswith("PCA8,IVF32,PQ8x")
     assert knn_index.plan("IVF16,Flat", 64, 2000) == knn_index.IndexPlan("IVF16,Flat", 8, rerank=True)
     assert knn_index.plan("exact", 64, 2000).true_distances
+    from knnmoe_eval.options import split_model_args
+
+    assert split_model_args({"memory": "m", "nprobe": "auto"}, set())[0].nprobe is None  # the index's own
+    assert split_model_args({"memory": "m", "nprobe": "16"}, set())[0].nprobe == 16
+    with pytest.raises(KnnMoeError, match="nprobe"):
+        KnnMoeOptions(memory="m", nprobe=0)
 
 
 @pytest.mark.parametrize("name", ["ivfpq", "ivfpq_rerank", "hnsw"])
