@@ -174,7 +174,8 @@ def wide_figures(args, workdir: Path) -> tuple[list[dict], list[dict]]:
             _, raw = knn_index.search(lr.index, q.numpy(), 1)  # the index alone, before any re-rank
             ratio = (true / exact_d.clamp_min(1e-12)).sqrt()  # distance, not squared
             rows.append({
-                "keys": n, "index": name, "factory": lr.factory, "nprobe": lr.plan.nprobe,
+                "keys": n, "index": name, "factory": lr.factory,
+                "nprobe": lr.plan.nprobe if "IVF" in lr.factory else None,
                 "rerank": lr.plan.rerank, "setup_s": round(build_s, 1),
                 "layer_ms": round(1000 * layer_s, 1), "search_ms": round(1000 * search_s, 2),
                 "hook_ms": round(1000 * hook_s, 2), **stages,
