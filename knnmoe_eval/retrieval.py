@@ -148,7 +148,7 @@ class Retriever:
         if self.token_mask is not None and self.token_mask.numel() == h.shape[0]:
             rows = self.token_mask.to(h.device).nonzero().squeeze(-1)
         q = (h if rows is None else h[rows]).detach().float()  # (m, d)
-        if torch.isnan(q).any():
+        if torch.isnan(q.sum()):  # one reduction instead of an (m, d) mask: a NaN anywhere makes the sum NaN
             raise KnnMoeError(f"NaN in the router input of layer {site.layer}: the model's forward produced NaN")
         dist2, ids = layer.search(q, self.options.k)  # (m, k) each, on the layer's device
         dist2, ids = dist2.to(z.device), ids.to(z.device)

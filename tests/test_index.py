@@ -253,3 +253,19 @@ def test_every_index_through_the_retrieval_path_agrees_with_exact(tmp_path, name
             assert (dist2[:, 0] <= true * 1.05).all()
             assert lr.two_sigma2 == pytest.approx(knn_index.index_nn_sq_dist(lr.index, keys[layer], False))
             assert lr.two_sigma2 < memory.layers[layer].stats["mean_nn_sq_dist"]
+
+
+def test_a_nan_router_input_is_refused_before_the_search(tmp_path):
+    from knnmoe_eval.families import find_routers
+    from knnmoe_eval.memory import load_memory
+    from knnmoe_eval.retrieval import Retriever
+
+    model = make_tiny_model("olmoe")
+    memory = load_memory(write_constant_memory(tmp_path / "m", model, router_inputs(model, IDS),
+                                               lambda l, n, e: torch.zeros(n, e)))
+    retriever = Retriever(model, memory, KnnMoeOptions(memory=str(memory.path)))
+    site = find_routers(model)[0]
+    h = torch.randn(4, model.config.hidden_size)
+    h[2, 5] = float("nan")
+    with pytest.raises(KnnMoeError, match="NaN in the router input"):
+        retriever(site, h, site.module(h))
