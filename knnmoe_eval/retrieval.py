@@ -108,7 +108,8 @@ class Retriever:
         self.layers: dict[int, _LayerRetrieval] = {}
         host_keys = [memory.layers[s.layer].keys for s in self.sites if s.module.weight.device.type != "cuda"]
         knn_index.check_exact_fits(str(memory.path), sum(  # exact copies of the (n, d) fp16 keys in host RAM
-            k.numel() * k.element_size() for k in host_keys if len(k) and options.index == "exact"
+            k.numel() * k.element_size() for k in host_keys
+            if len(k) and knn_index.plan(options.index, k.shape[1], k.shape[0]).exact
         ))
         for site in self.sites:
             mem = memory.layers[site.layer]
