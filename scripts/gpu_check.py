@@ -42,7 +42,10 @@ def model_on(device: torch.device, layers: int, positions: int):
     cfg = tiny_config("olmoe", num_hidden_layers=layers, max_position_embeddings=positions, **OLMOE_1B_7B)
     torch.manual_seed(0)
     with device:  # weights initialised on the GPU: no host copy of ~7B parameters
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        except TypeError:  # the GPU image's transformers may predate `dtype` (it was `torch_dtype`)
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
     return model.eval()
 
 
