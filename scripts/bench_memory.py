@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_load import Load, require_quiet
 
 
 def model(d: int, experts: int, layers: int):
@@ -110,20 +111,25 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=Path("results/bench_memory.json"))
     p.add_argument("--finalize", type=Path, default=None, help=argparse.SUPPRESS)  # the measured child process
+    p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")
     args = p.parse_args()
     if args.finalize is not None:
         print(json.dumps(finalize_and_measure(args.finalize, args)))
         return
+    quiet = require_quiet(args.allow_load)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         out = Path(tmp) / "mem"
         write_partial_build(out, args)
         child = [sys.executable, __file__, "--finalize", str(out), "--keys", str(args.keys), "--layers",
                  str(args.layers), "--d", str(args.d), "--experts", str(args.experts)]
-        figures = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        with Load() as load:
+            out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+        figures = json.loads(out.splitlines()[-1])
         layer_mb = args.keys * args.d * 2 / 2**20
         row = {"keys_per_layer": args.keys, "layers": args.layers, "d": args.d, "shard_rows": args.shard_rows,
                "layer_keys_mb": round(layer_mb, 1), **figures,
-               "peak_anon_over_layer": round(figures["peak_anon_mb"] / layer_mb, 3)}
+               "peak_anon_over_layer": round(figures["peak_anon_mb"] / layer_mb, 3),
+               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_at_start": quiet, **load.record}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(row, indent=2))
     print(json.dumps(row, indent=2))

@@ -5,10 +5,11 @@ The model has OLMoE-1B-7B's layer shape (hidden 2048, 64 experts of width 1024, 
 so they run the same code path and differ only by the routers' kNN hook. Memories hold random clustered keys
 (timing does not depend on their content) written with `knnmoe_eval.core.memory.write_memory`; their trained indexes
 are saved inside them, so the timed runs exclude training. `hf` is timed right before and right after each kNN
-run and the mean of the two is that run's baseline (the load of a shared machine drifts between runs).
+run and the mean of the two is that run's baseline. Every row records the machine's load (`machine_load.py`);
+the run refuses to start on a busy machine unless --allow-load.
 
     OMP_NUM_THREADS=2 python scripts/bench_overhead.py --quick     # ~2 min: 10k keys
-    OMP_NUM_THREADS=2 python scripts/bench_overhead.py --keys 10000 100000
+    OMP_NUM_THREADS=2 python scripts/bench_overhead.py --keys 100000 --indexes ivfpq ivfpq_rerank --workdir W
 
 Also the shared helpers of bench_index.py and bench_build.py (wide model, synthetic keys, requests).
 """
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine_load import Load, require_quiet
 
 WIDE = dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
             num_attention_heads=16, num_key_value_heads=16, head_dim=128)
@@ -110,8 +112,8 @@ def ratio_table(rows: list[dict], columns: list[str]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--keys", type=int, nargs="+", default=[10_000, 100_000], help="keys per layer")
-    p.add_argument("--indexes", nargs="+", default=["exact", "ivfpq", "hnsw"])
-    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--indexes", nargs="+", default=["exact", "ivfpq", "ivfpq_rerank", "hnsw"])
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default: each index's own)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--context", type=int, default=120, help="context characters (= tokens) per request")
@@ -120,7 +122,9 @@ def main() -> None:
                    help="keep memories (and their trained indexes) here and reuse them (default: a temporary dir)")
     p.add_argument("--json", type=Path, default=Path("results/bench_overhead.json"))
     p.add_argument("--quick", action="store_true", help="10k keys, 4 requests of 56 tokens")
+    p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")
     args = p.parse_args()
+    quiet = require_quiet(args.allow_load)
     if args.quick:
         args.keys, args.requests, args.context = [10_000], 4, 48
 
@@ -141,12 +145,12 @@ def main() -> None:
                 lm = make_lm(model, args.batch_size, memory=str(mem), index=name, nprobe=args.nprobe, verify=False)
                 setup = time.perf_counter() - start
                 timed_loglikelihood(lm, reqs[:1])
-                # hf right before and right after: on a shared machine the load drifts between configurations
-                hf_s = [timed_loglikelihood(hf, reqs)]
-                knn_s = timed_loglikelihood(lm, reqs)
-                hf_s.append(timed_loglikelihood(hf, reqs))
+                with Load() as load:  # hf right before and right after the kNN run
+                    hf_s = [timed_loglikelihood(hf, reqs)]
+                    knn_s = timed_loglikelihood(lm, reqs)
+                    hf_s.append(timed_loglikelihood(hf, reqs))
                 rows.append({"keys": n, "index": name, "setup_s": round(setup, 1), "seconds": knn_s,
-                             "hf_seconds": [round(t, 2) for t in hf_s], "hf_mean": sum(hf_s) / 2})
+                             "hf_seconds": [round(t, 2) for t in hf_s], "hf_mean": sum(hf_s) / 2, **load.record})
                 del lm
     for r in rows:
         hf_s = r.pop("hf_mean")
@@ -159,12 +163,14 @@ def main() -> None:
         "model": {"family": "olmoe", "layers": args.layers, **WIDE},
         "tokens": tokens, "batch_tokens": tokens * args.batch_size // len(reqs),
         "threads": torch.get_num_threads(), "nprobe": args.nprobe,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_at_start": quiet,
         "runs": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))
     print(f"{tokens} tokens per run, {out['batch_tokens']} per forward, {out['threads']} threads")
-    print(ratio_table(rows, ["keys", "index", "setup_s", "hf_tok_s", "tok_s", "ratio_vs_hf", "overhead_pct"]))
+    print(ratio_table(rows, ["keys", "index", "setup_s", "hf_tok_s", "tok_s", "ratio_vs_hf", "overhead_pct",
+                             "others_cores", "loaded"]))
     print(f"figures: {args.json}")
 
 

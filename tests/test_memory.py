@@ -53,8 +53,8 @@ def test_memory_pointing_at_a_file_says_it_is_a_file(mem, model):
 
 
 def test_unknown_index_names_the_option_and_its_choices(mem, model):
-    with pytest.raises(KnnMoeError, match=r"index='garbage' is neither exact, ivfpq, hnsw nor a faiss factory "
-                                          r"string.*could not parse"):
+    with pytest.raises(KnnMoeError, match=r"index='garbage' is neither exact, ivfpq, ivfpq_rerank, hnsw nor a faiss "
+                                          r"factory string.*could not parse"):
         with attach(model, mem, index="garbage"):
             pass
     # a real factory string that does not fit these keys (d = 32: 5 sub-quantizers do not divide it)

@@ -1,17 +1,23 @@
-"""Nearest-neighbour search over one layer's keys, with faiss.
+"""Nearest-neighbour search over one layer's keys, with faiss (or torch, for exact search on a GPU).
 
 Indexes are named by faiss factory strings and search parameters by faiss parameter strings, so a memory's
-index is described by two short strings. Three names stand for the choices worth knowing:
+index is described by two short strings. Four names stand for the choices worth knowing (`plan` below):
 
-    exact   "SQfp16": keys stored fp16, searched exhaustively (exact L2 on the fp16 keys); the paper's default
-    ivfpq   "PCA{d/8},IVF{nlist},PQ{m}x{bits}np": the paper's fast variant (PCA to d/8, 8-bit PQ codes, IVF
-            searched with nprobe lists); nlist grows as ~4 sqrt(N). The "np" suffix skips faiss's polysemous
-            training, which took minutes per layer at d = 2048 and buys nothing for k-NN search
-    hnsw    "PCA{d/8},HNSW32": a graph over PCA-reduced float32 keys (1 KB per key at d = 2048); on the full
-            fp16 keys ("HNSW32,SQfp16") each distance costs 8x more and search took ~10% of a layer at 10k keys
+    exact         "SQfp16": keys stored fp16, searched exhaustively (exact L2 on the fp16 keys); the paper's
+                  default
+    ivfpq         "PCA{d/8},IVF{nlist},SQ8", nprobe 32, no re-ranking: the paper's kNN-MoE (IVFPQ) as its text
+                  describes it ("quantize the FP16 index to 8-bit, search across only 32 centroids, compress the
+                  hidden dimension to one-eighth"; 1 byte per PCA dimension, which is what its exact-to-IVFPQ
+                  size ratio fits). Distances are the ones faiss returns, in the PCA space
+    ivfpq_rerank  "PCA{d/8},IVF{nlist},PQ{m}x{bits}np", nprobe 8, re-ranked: ours, 8x smaller codes (32 bytes per
+                  key) and RERANK x k candidates re-ranked by their true distance on the fp16 keys. The "np" suffix
+                  skips faiss's polysemous training, which took minutes per layer at d = 2048 and buys nothing here
+    hnsw          "PCA{d/8},HNSW32", re-ranked: a graph over PCA-reduced float32 keys (1 KB per key at d = 2048)
 
-Anything else is passed to `faiss.index_factory` as is. Approximate indexes return RERANK x k candidates that
-retrieval re-ranks by their true distance on the fp16 keys, so similarities and sigma=auto keep their meaning.
+nlist grows as ~4 sqrt(N). Anything else is passed to `faiss.index_factory` as is, and re-ranked. Re-ranked
+indexes hand retrieval true squared distances, so similarities, sigma=auto and max_distance keep their meaning;
+`ivfpq` hands it the index's own (PCA, 8-bit) distances, and its sigma=auto is measured in that same space
+(`index_nn_sq_dist`).
 
 Indexes that need training are saved next to the memory as `index/layer_XXX.<spec hash>.faiss` with a JSON
 sidecar holding the file's sha256, written last; the checksum is verified before faiss reads the file, and a
@@ -21,8 +27,9 @@ cannot run code.
 Training runs on a seeded sample and keys are converted and added in chunks, so a layer never needs a float32
 copy of all its keys; with the memory's memory-mapped keys, an approximate index is built without the layer's
 keys ever being resident. Exact search is the exception by nature: its index is a copy of every key, so a memory
-whose exact indexes would not fit in the available RAM is refused at setup. GPU residency (faiss-gpu) is
-optional and imported only when a layer lives on CUDA.
+whose exact indexes would not fit in the available RAM is refused at setup. On a GPU, exact search is a torch
+matmul over the fp16 keys on the layer's device (no faiss needed); approximate indexes need faiss-gpu, imported
+only when a layer lives on CUDA.
 """
 
 from __future__ import annotations
@@ -31,10 +38,12 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..errors import KnnMoeError
 from .files import atomic_path, sha256_file
@@ -42,14 +51,34 @@ from .files import atomic_path, sha256_file
 log = logging.getLogger(__name__)
 
 EXACT = "SQfp16"
+NAMES = ("exact", "ivfpq", "ivfpq_rerank", "hnsw")
 INDEX_DIR = "index"
 SIDECAR_FORMAT = 1
 _CHUNK = 65_536  # keys converted to float32 and added per call
 _TRAIN_MIN = 32_768  # PCA and PQ want many more points than the IVF centroids alone
 _POINTS_PER_CENTROID = 39  # below this faiss's k-means warns that it has too few points
-# approximate indexes return this many times k candidates, re-ranked by their true distance to the query: PQ
-# codes alone place the true nearest key first only ~1/3 of the time at d = 2048 (see docs/retrieval.md)
+_NN_SAMPLE = 2048  # keys searched for ivfpq's sigma statistic, as many as memory.py samples for the true one
+# re-ranked indexes return this many times k candidates, re-ranked by their true distance to the query: PQ
+# codes alone place the true nearest key first only ~1/5 of the time at d = 2048 (see docs/retrieval.md)
 RERANK = 8
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """How one layer is searched: the faiss factory, IVF lists probed, and whether candidates are re-ranked."""
+
+    factory: str
+    nprobe: int
+    rerank: bool
+
+    @property
+    def exact(self) -> bool:
+        return self.factory == EXACT
+
+    @property
+    def true_distances(self) -> bool:
+        """Whether search returns true squared L2 distances (else the index's own, e.g. in PCA space)."""
+        return self.exact or self.rerank
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -60,28 +89,38 @@ def _pow2(x: float, rounding=math.floor) -> int:
     return 1 << max(0, int(rounding(math.log2(max(x, 1.0)))))
 
 
-def ivfpq_factory(d: int, n: int) -> str:
-    """The paper's IVFPQ for `n` keys of dimension `d`: PCA to d/8, IVF with ~4 sqrt(n) lists, 8-bit PQ codes.
+def _nlist(n: int) -> int:
+    """~4 sqrt(n) IVF lists (a power of two), capped so that each list's centroid trains on >= 39 points."""
+    return min(_pow2(4 * math.sqrt(n), round), _pow2(n / _POINTS_PER_CENTROID))
 
-    Small memories cannot train 256 centroids per sub-quantizer (or many lists) with enough points, so the list
-    count and the code bits shrink to keep >= 39 training points per centroid; at d = 2048 and N >= 10k the
-    result is PCA256,IVF{nlist},PQ32x8np (32 bytes of codes per key).
+
+def ivfpq_paper_factory(d: int, n: int) -> str:
+    """The paper's IVFPQ for `n` keys of dimension `d`: PCA to d/8, IVF, 8-bit scalar codes (1 byte per dimension)."""
+    return f"PCA{max(1, d // 8)},IVF{_nlist(n)},SQ8"
+
+
+def ivfpq_rerank_factory(d: int, n: int) -> str:
+    """Our IVFPQ: PCA to d/8, IVF, 8-bit product-quantizer codes of at most 32 bytes per key.
+
+    Small memories cannot train 256 centroids per sub-quantizer with enough points, so the code bits shrink to
+    keep >= 39 training points per centroid; at d = 2048 and N >= 10k the result is PCA256,IVF{nlist},PQ32x8np.
     """
     d_pca = max(1, d // 8)
     m = max(s for s in range(1, min(32, d_pca) + 1) if d_pca % s == 0)  # sub-quantizers: <= 32 bytes per key
-    nlist = min(_pow2(4 * math.sqrt(n), round), _pow2(n / _POINTS_PER_CENTROID))
     bits = min(8, max(4, int(math.floor(math.log2(max(n / _POINTS_PER_CENTROID, 1.0))))))
-    return f"PCA{d_pca},IVF{nlist},PQ{m}x{bits}np"
+    return f"PCA{d_pca},IVF{_nlist(n)},PQ{m}x{bits}np"
 
 
-def factory_string(index: str, d: int, n: int) -> str:
-    """The faiss factory string that `index` (a name above or a factory string) means for n keys of dimension d."""
+def plan(index: str, d: int, n: int, nprobe: int | None = None) -> IndexPlan:
+    """What `index` (a name above or a factory string) means for n keys of dimension d; nprobe None: its default."""
     if index == "exact":
-        return EXACT
+        return IndexPlan(EXACT, 1, rerank=False)
     if index == "ivfpq":
-        return ivfpq_factory(d, n)
+        return IndexPlan(ivfpq_paper_factory(d, n), nprobe or 32, rerank=False)
+    if index == "ivfpq_rerank":
+        return IndexPlan(ivfpq_rerank_factory(d, n), nprobe or 8, rerank=True)
     if index == "hnsw":
-        return f"PCA{max(1, d // 8)},HNSW32"
+        return IndexPlan(f"PCA{max(1, d // 8)},HNSW32", nprobe or 8, rerank=True)
     import faiss
 
     try:  # parsed now, at setup, so that a typo is not a raw faiss error (or a failure mid-evaluation)
@@ -89,14 +128,10 @@ def factory_string(index: str, d: int, n: int) -> str:
     except RuntimeError as e:
         why = str(e).splitlines()[0].rpartition(": ")[2]  # faiss prefixes its C++ location
         raise KnnMoeError(
-            f"model_arg index={index!r} is neither exact, ivfpq, hnsw nor a faiss factory string for keys of "
-            f"dimension {d} ({why}); choose exact, ivfpq, hnsw or e.g. index=IVF64,Flat"
+            f"model_arg index={index!r} is neither exact, ivfpq, ivfpq_rerank, hnsw nor a faiss factory string for "
+            f"keys of dimension {d} ({why}); choose one of those or e.g. index=IVF64,Flat"
         ) from None
-    return index
-
-
-def is_exact(factory: str) -> bool:
-    return factory == EXACT
+    return IndexPlan(index, nprobe or 8, rerank=index != EXACT)
 
 
 def _float32(keys: torch.Tensor, normalize: bool) -> np.ndarray:
@@ -163,6 +198,21 @@ def search(idx, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
+def index_nn_sq_dist(idx, keys: torch.Tensor, normalize: bool, seed: int = 0) -> float | None:
+    """Mean squared distance from a key to its nearest other key as the index itself measures it (for `ivfpq`,
+    in the PCA space between 8-bit codes): sigma=auto for an index whose distances are not the true ones, found
+    the way memory.py finds the true statistic (the same seeded sample of keys); None below two keys."""
+    n = keys.shape[0]
+    if n < 2:
+        return None
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n, _NN_SAMPLE), replace=False))
+    dist2, ids = search(idx, _float32(keys[torch.from_numpy(rows)], normalize), 2)
+    # the key itself is usually first; an exact duplicate (or a code that decodes nearer) may come before it
+    other = np.where(ids[:, 0] == rows, dist2[:, 1], dist2[:, 0])
+    other = other[np.isfinite(other) & (ids.min(1) >= 0)]  # a probed list may hold fewer than 2 keys
+    return float(other.astype(np.float64).mean()) if len(other) else None
+
+
 def index_bytes(idx) -> int:
     """Size of the serialized index: what it costs in memory, give or take faiss's bookkeeping."""
     import faiss
@@ -187,8 +237,8 @@ def check_exact_fits(memory: str, exact_bytes: int) -> None:
     if available is not None and exact_bytes > available:
         raise KnnMoeError(
             f"index=exact keeps every layer's fp16 keys in RAM ({exact_bytes / 2**30:.1f} GiB for memory {memory}) "
-            f"but only {available / 2**30:.1f} GiB is available. Use index=ivfpq or index=hnsw: they train on a "
-            "sample, add keys in chunks and read the re-ranked rows from the memory-mapped keys."
+            f"but only {available / 2**30:.1f} GiB is available. Use index=ivfpq, ivfpq_rerank or hnsw: they train "
+            "on a sample and add keys in chunks (the re-ranked ones read candidate rows from the memory-mapped keys)."
         )
 
 
@@ -242,7 +292,7 @@ def save_index(idx, path: Path, spec: dict) -> None:
 def load_or_build(keys: torch.Tensor, factory: str, nprobe: int, normalize: bool, memory_dir: str | Path | None,
                   layer: int, keys_sha256: str | None):
     """The layer's index: read from the memory directory when saved there, else built (and saved if it trains)."""
-    if is_exact(factory) or memory_dir is None or keys_sha256 is None:
+    if factory == EXACT or memory_dir is None or keys_sha256 is None:
         return build_index(keys, factory, nprobe, normalize)
     spec = index_spec(factory, normalize, keys_sha256)
     path = index_path(memory_dir, layer, spec)
@@ -278,20 +328,110 @@ def warn_if_exact_dominates(memory: str, n: int, d: int, layer_macs: int) -> Non
     _warned.add(memory)
     log.warning(
         "memory %s holds %d keys per layer: exact search (~%.1fx the MoE layer's compute per token) will dominate "
-        "the run time. Use index=ivfpq (the paper's fast variant; nprobe=8 is usually as accurate as 32) or "
-        "index=hnsw.", memory, n, n * d / layer_macs,
+        "the run time. Use index=ivfpq (the paper's fast variant) or index=ivfpq_rerank (ours, faster on a "
+        "CPU, docs/retrieval.md).", memory, n, n * d / layer_macs,
     )
 
 
+# -- re-ranking candidates by their true distance -----------------------------------------------------------
+
+
+def score_dtype(key_norm: torch.Tensor) -> torch.dtype:
+    """fp16 for the candidates' ranking products c.q/|q| (bounded by |c|) unless some key's norm could overflow it.
+
+    fp16 products cost a quarter of converting each candidate to fp32 first (docs/retrieval.md) and round the
+    ranking scores by ~2e-4 |c|, which only reorders near-ties; the kept neighbours' distances are then exact.
+    """
+    return torch.float16 if len(key_norm) == 0 or float(key_norm.max()) < 3e4 else torch.float32
+
+
+def rerank(q: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, key_norm: torch.Tensor, k: int,
+           normalize: bool, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k candidates nearest to each query by true distance, and their squared distances in fp32.
+
+    q:        (m, d) fp32 queries (unit vectors when `normalize`)
+    ids:      (m, r) int64 candidate rows of `keys`, -1 where the index found fewer than r
+    keys:     (n, d) fp16 keys as stored (raw: `normalize` divides them by key_norm here)
+    key_norm: (n,) fp32 |key|
+    returns   dist2 (m, k) fp32 ascending (inf for missing candidates), ids (m, k)
+
+    Ranking: ||q - c||^2 = |c|^2 - 2 c.q + |q|^2, so candidates order as s = |c|^2 / (2|q|) - c.q/|q|, whose
+    product term is one (m, r, d) x (m, d) batched product in `dtype` on the stored keys (no fp32 copy of the
+    candidates). The k kept are then measured exactly as ||q - c||^2 in fp32 (a difference, no cancellation).
+    """
+    found = ids >= 0
+    ids = ids.clamp_min(0)
+    q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (m, 1)
+    cand = keys.index_select(0, ids.reshape(-1)).view(*ids.shape, -1)  # (m, r, d) fp16
+    dot = torch.bmm(cand.to(dtype), (q / q_norm).to(dtype).unsqueeze(-1)).squeeze(-1).float()  # (m, r) c.q/|q|
+    norm = key_norm[ids]  # (m, r)
+    if normalize:
+        score = 1.0 / (2 * q_norm) - dot / norm.clamp_min(1e-12)
+    else:
+        score = norm.pow(2) / (2 * q_norm) - dot
+    order = score.masked_fill(~found, float("inf")).topk(k, dim=-1, largest=False).indices  # (m, k)
+    kept = cand[torch.arange(len(cand), device=cand.device).unsqueeze(1), order].float()  # (m, k, d)
+    if normalize:
+        kept = kept / norm.gather(1, order).clamp_min(1e-12).unsqueeze(-1)
+    dist2 = (kept - q.unsqueeze(1)).pow(2).sum(-1)  # (m, k)
+    dist2 = dist2.masked_fill(~found.gather(1, order), float("inf"))
+    dist2, again = dist2.sort(dim=-1)  # the fp16 ranking may have swapped near-ties
+    return dist2, ids.gather(1, order).gather(1, again)
+
+
+def key_norms(keys: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """|key| (n,) fp32, computed in chunks (the keys may be memory-mapped), on `device`."""
+    if len(keys) == 0:
+        return torch.zeros(0, device=device)
+    return torch.cat([c.to(device).float().norm(dim=-1) for c in keys.split(_CHUNK)])
+
+
 # -- GPU residency -----------------------------------------------------------------------------------------
+
+
+class TorchExactIndex:
+    """Exact search on a CUDA device in torch, without faiss: fp16 keys on the device, fp16 ranking products per
+    chunk of keys for RERANK x k candidates, then their exact fp32 distances (`rerank`). The keys are as large as
+    faiss-gpu's fp16 flat index (2 bytes per dimension and key)."""
+
+    chunk = 262_144  # keys scored at once: a (queries, chunk) fp16 block
+
+    def __init__(self, keys: torch.Tensor, device: torch.device, normalize: bool):
+        self.keys = keys.to(device)  # (n, d) fp16
+        self.key_norm = key_norms(self.keys)  # (n,)
+        self.normalize = normalize
+        self.dtype = score_dtype(self.key_norm)
+        self.device = device
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = queries.float()
+        if self.normalize:
+            q = F.normalize(q, dim=-1, eps=1e-12)
+        q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        q_hat = (q / q_norm).to(self.dtype)
+        r = min(k * RERANK, self.keys.shape[0])
+        best_s, best_i = [], []
+        for start in range(0, self.keys.shape[0], self.chunk):
+            c = self.keys[start : start + self.chunk]
+            norm = self.key_norm[start : start + self.chunk]
+            dot = (q_hat @ c.to(self.dtype).T).float()  # (m, chunk)
+            if self.normalize:
+                s = 1.0 / (2 * q_norm) - dot / norm.clamp_min(1e-12)
+            else:
+                s = norm.pow(2) / (2 * q_norm) - dot
+            s, i = s.topk(min(r, s.shape[1]), dim=-1, largest=False)
+            best_s.append(s)
+            best_i.append(i + start)
+        order = torch.cat(best_s, 1).topk(r, dim=-1, largest=False).indices
+        ids = torch.cat(best_i, 1).gather(1, order)  # (m, r) candidates
+        return rerank(q, ids, self.keys, self.key_norm, k, self.normalize, self.dtype)
 
 
 class GpuIndex:
     """A faiss index on one CUDA device, searched with torch tensors that never leave that device.
 
     faiss-gpu runs a PCA pre-transform on the host, so the PCA is applied here in torch and only the inner
-    index is cloned to the GPU. faiss-gpu has no flat scalar-quantizer index, so `exact` becomes a GPU flat
-    index storing the same fp16 keys (exact search, GPU arithmetic).
+    index is cloned to the GPU.
     """
 
     def __init__(self, idx, device: torch.device):
@@ -307,11 +447,6 @@ class GpuIndex:
             b = faiss.vector_to_array(vt.b)
             self.pca = (torch.from_numpy(a).to(device), torch.from_numpy(b).to(device))
             idx = idx.index
-        if isinstance(idx, faiss.IndexScalarQuantizer):
-            flat = faiss.IndexFlatL2(idx.d)
-            for start in range(0, idx.ntotal, _CHUNK):
-                flat.add(idx.reconstruct_n(start, min(_CHUNK, idx.ntotal - start)))
-            idx = flat
         self.resources = faiss.StandardGpuResources()
         options = faiss.GpuClonerOptions()
         options.useFloat16 = True
@@ -341,11 +476,11 @@ def to_device(idx, device: torch.device):
     if not gpu_available():
         if "gpu" not in _warned:
             _warned.add("gpu")
-            log.warning("the model runs on CUDA but faiss-gpu is not installed: kNN search stays on the CPU "
-                        "(pip install 'knnmoe-eval[gpu]')")
+            log.warning("the model runs on CUDA but faiss-gpu is not installed: approximate kNN search stays on "
+                        "the CPU (pip install 'knnmoe-eval[gpu]'; index=exact searches on the GPU without it)")
         return idx
     try:
         return GpuIndex(idx, device)
-    except RuntimeError as e:  # faiss-gpu lacks some index types (HNSW)
+    except RuntimeError as e:  # faiss-gpu lacks some index types (HNSW, flat scalar quantizers)
         log.warning("this index cannot live on the GPU (%s); searching it on the CPU", str(e).splitlines()[0])
         return idx

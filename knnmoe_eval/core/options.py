@@ -31,8 +31,8 @@ class KnnMoeOptions:
     similarity: str = _help("rbf | rbf_l2 (rbf on L2-normalised vectors) | cosine", default="rbf")
     sigma: float | None = _help("RBF bandwidth; None/auto: 2*sigma^2 = the memory's mean squared NN distance", default=None)
     max_distance: float | None = _help("lambda = 0 for neighbours farther than this (off by default)", default=None)
-    index: str = _help("exact (fp16 keys, exact search, as the paper) | ivfpq (PCA d/8, IVF, 8-bit PQ, re-ranked) | hnsw | a faiss factory string", default="exact")
-    nprobe: int = _help("IVF lists searched per query (ivf indexes only; the paper used 32, which found the same neighbours as 8 at about twice the cost, docs/retrieval.md)", default=8)
+    index: str = _help("exact (fp16 keys, exact search: the paper's default) | ivfpq (the paper's kNN-MoE (IVFPQ): PCA d/8, IVF, 8-bit scalar codes, nprobe 32, no re-ranking) | ivfpq_rerank (ours: PCA d/8, IVF, 32-byte PQ codes, nprobe 8, candidates re-ranked on the fp16 keys; faster on a CPU) | hnsw (re-ranked) | a faiss factory string (re-ranked); docs/retrieval.md", default="exact")
+    nprobe: int | None = _help("IVF lists searched per query; None/auto: the index's own (ivfpq 32 as the paper, ivfpq_rerank and factory strings 8)", default=None)
     verify: bool = _help("check every memory file's sha256 when loading", default=True)
     diagnostics: str | None = _help("also write per-layer lambda / top-k change statistics to this JSON file", default=None)
     # building
@@ -64,8 +64,8 @@ class KnnMoeOptions:
             bad("sigma", "must be a positive number, or auto")
         if self.max_distance is not None and not (math.isfinite(self.max_distance) and self.max_distance > 0):
             bad("max_distance", "must be a positive number")
-        if not (isinstance(self.nprobe, int) and self.nprobe >= 1):
-            bad("nprobe", "must be an integer >= 1")
+        if self.nprobe is not None and not (isinstance(self.nprobe, int) and self.nprobe >= 1):
+            bad("nprobe", "must be an integer >= 1, or auto")
         if not (math.isfinite(self.eta) and self.eta > 0):
             bad("eta", "must be a finite number > 0")
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -96,7 +96,7 @@ def default(name: str) -> Any:
 
 def _coerce(name: str, value: Any) -> Any:
     """lm-eval parses model_args itself ("1" -> 1, "True" -> True); finish the job for our fields."""
-    if name in ("sigma", "max_distance", "diagnostics", "memory", "labels") and value in (None, "auto", "none", "None", ""):
+    if name in ("sigma", "max_distance", "diagnostics", "memory", "labels", "nprobe") and value in (None, "auto", "none", "None", ""):
         return None
     if name in ("k", "steps", "nprobe", "shard_tokens"):
         if isinstance(value, float) and value.is_integer():

@@ -34,59 +34,61 @@ log = logging.getLogger(__name__)
 
 
 class _LayerRetrieval:
-    """One layer's index and values, on the device that holds the layer (each GPU its own layers' indexes)."""
+    """One layer's index and values, on the device that holds the layer (each GPU its own layers' indexes).
 
-    def __init__(self, site: RouterSite, model: torch.nn.Module, memory: Memory, two_sigma2: float,
-                 opts: KnnMoeOptions):
+    Every index goes through `search`: one batched index search for all tokens, then, for re-ranked indexes, the
+    candidates' true distances (`index.rerank`).
+    """
+
+    def __init__(self, site: RouterSite, model: torch.nn.Module, memory: Memory, opts: KnnMoeOptions):
         self.layer = site.layer
         self.normalize = opts.similarity in ("rbf_l2", "cosine")
         mem = memory.layers[site.layer]
         n, d = mem.keys.shape
-        self.factory = knn_index.factory_string(opts.index, d, n)
+        self.plan = knn_index.plan(opts.index, d, n, opts.nprobe)
+        self.factory = self.plan.factory
         self.device = site.module.weight.device
-        if knn_index.is_exact(self.factory):
+        if self.plan.exact:
             decoder_layer = model.get_submodule(site.name.rsplit(".", 2)[0])
             macs = knn_index.layer_macs_per_token(decoder_layer, site.num_experts, int(site.module.top_k))
             knn_index.warn_if_exact_dominates(str(memory.path), n, d, macs)
-        entry = memory.manifest["layers"][str(site.layer)]
-        cpu_index = knn_index.load_or_build(mem.keys, self.factory, opts.nprobe, self.normalize, memory.path,
-                                            site.layer, entry.get("sha256"))
-        self.index = knn_index.to_device(cpu_index, self.device)
-        self.on_device = isinstance(self.index, knn_index.GpuIndex)
-        # approximate indexes re-rank their candidates on the fp16 keys: on the CPU the memory-mapped keys
-        # themselves (only the candidate rows are read), on a GPU a copy
-        self.keys = None if knn_index.is_exact(self.factory) else mem.keys.to(self.device)  # (n, d) fp16
+        if self.plan.exact and self.device.type == "cuda":  # a torch matmul on the device: faiss not needed
+            self.index, self.cpu_index = knn_index.TorchExactIndex(mem.keys, self.device, self.normalize), None
+        else:
+            entry = memory.manifest["layers"][str(site.layer)]
+            self.cpu_index = knn_index.load_or_build(mem.keys, self.factory, self.plan.nprobe, self.normalize,
+                                                     memory.path, site.layer, entry.get("sha256"))
+            self.index = knn_index.to_device(self.cpu_index, self.device)
+        self.on_device = isinstance(self.index, (knn_index.GpuIndex, knn_index.TorchExactIndex))
+        # re-ranked indexes read their candidates' fp16 keys: on the CPU the memory-mapped keys themselves (only
+        # the candidate rows are read), on a GPU a copy
+        self.keys = mem.keys.to(self.device) if self.plan.rerank else None  # (n, d) fp16
         if self.keys is not None:
-            self.key_sq = torch.cat([self._unit(c.float()).pow(2).sum(-1) for c in self.keys.split(65_536)])  # (n,)
+            self.key_norm = knn_index.key_norms(self.keys, self.device)  # (n,)
+            self.score_dtype = knn_index.score_dtype(self.key_norm)
         self.values = mem.values.to(self.device)  # (n, E) fp32
-        self.two_sigma2 = two_sigma2
+        # ivfpq returns its own distances (PCA space, 8-bit codes): its bandwidth is measured in that space
+        in_index_space = None if self.plan.true_distances else (
+            lambda: knn_index.index_nn_sq_dist(self.cpu_index, mem.keys, self.normalize))
+        self.two_sigma2 = two_sigma2(opts.similarity, opts.sigma, mem.stats, self.layer, memory.path, in_index_space)
 
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared distances (m, k) fp32 and ids (m, k) of the k nearest keys to the queries q (m, d) fp32."""
-        wanted = k if self.keys is None else min(k * knn_index.RERANK, self.keys.shape[0])
-        if self.on_device:  # faiss-gpu searches the CUDA tensor in place: no host round trip
+        """Squared distances (m, k) fp32 and ids (m, k) of the k nearest keys to the queries q (m, d) fp32.
+
+        Re-ranked indexes return true distances; `ivfpq` returns its own (inf and id 0 where fewer than k
+        were found, which gives similarity 0)."""
+        wanted = min(k * knn_index.RERANK, self.keys.shape[0]) if self.plan.rerank else k
+        if self.on_device:  # searched on the layer's GPU: no host round trip
             dist2, ids = self.index.search(F.normalize(q, dim=-1, eps=1e-12) if self.normalize else q, wanted)
         else:
             q_np = q.cpu().numpy()
             dist2, ids = knn_index.search(self.index, l2_normalize(q_np) if self.normalize else q_np, wanted)
             dist2, ids = torch.from_numpy(dist2).to(q.device), torch.from_numpy(ids).to(q.device)
-        if self.keys is None:
-            return dist2, ids
-        # approximate distances (PCA and PQ shrink them) would skew the similarity and sigma=auto, which are
-        # defined on true distances: re-rank the candidates by their true distance to the query
-        found = ids >= 0  # IVF returns -1 when the probed lists hold fewer candidates
-        ids = ids.clamp_min(0)
-        candidates = self._unit(self.keys.index_select(0, ids.reshape(-1)).float()).view(*ids.shape, -1)  # (m, r, d)
-        q = self._unit(q)
-        # ||q - c||^2 = ||c||^2 - 2 c.q + ||q||^2: one pass over the candidates instead of a (m, r, d) difference
-        dot = torch.bmm(candidates, q.unsqueeze(-1)).squeeze(-1)  # (m, r)
-        dist2 = self.key_sq[ids] - 2 * dot + q.pow(2).sum(-1, keepdim=True)
-        dist2 = dist2.clamp_min(0).masked_fill(~found, float("inf"))
-        dist2, order = dist2.topk(k, dim=-1, largest=False)  # (m, k)
-        return dist2, ids.gather(1, order)
-
-    def _unit(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1, eps=1e-12) if self.normalize else x
+        if self.plan.rerank:
+            q = F.normalize(q, dim=-1, eps=1e-12) if self.normalize else q
+            return knn_index.rerank(q, ids, self.keys, self.key_norm, k, self.normalize, self.score_dtype)
+        found = ids >= 0  # IVF returns -1 when the probed lists hold fewer than k keys
+        return dist2.masked_fill(~found, float("inf")), ids.clamp_min(0)
 
 
 class Retriever:
@@ -98,10 +100,10 @@ class Retriever:
         memory.check_matches(model_signature(model, self.sites))
         self.options = options
         self.layers: dict[int, _LayerRetrieval] = {}
-        layer_keys = [memory.layers[s.layer].keys for s in self.sites]  # (n, d) fp16 each, memory-mapped
-        knn_index.check_exact_fits(str(memory.path), sum(
-            k.numel() * k.element_size() for k in layer_keys
-            if len(k) and knn_index.is_exact(knn_index.factory_string(options.index, k.shape[1], k.shape[0]))
+        host_keys = [memory.layers[s.layer].keys for s in self.sites if s.module.weight.device.type != "cuda"]
+        knn_index.check_exact_fits(str(memory.path), sum(  # exact copies of the (n, d) fp16 keys in host RAM
+            k.numel() * k.element_size() for k in host_keys
+            if len(k) and knn_index.plan(options.index, k.shape[1], k.shape[0]).exact
         ))
         for site in self.sites:
             mem = memory.layers[site.layer]
@@ -112,9 +114,7 @@ class Retriever:
                     f"k={options.k} but layer {site.layer} of memory {memory.path} holds only {len(mem)} keys; "
                     f"use k <= {len(mem)} or a larger memory"
                 )
-            self.layers[site.layer] = _LayerRetrieval(
-                site, model, memory, two_sigma2(options.similarity, options.sigma, mem.stats, site.layer, memory.path), options
-            )
+            self.layers[site.layer] = _LayerRetrieval(site, model, memory, options)
         self.reset_diagnostics()
 
     def reset_diagnostics(self) -> None:
@@ -155,7 +155,7 @@ class Retriever:
         if token_mask is not None and token_mask.numel() == h.shape[0]:
             rows = token_mask.to(h.device).nonzero().squeeze(-1)
         q = (h if rows is None else h[rows]).detach().float()  # (m, d)
-        if torch.isnan(q).any():
+        if torch.isnan(q.sum()):  # one reduction instead of an (m, d) mask: a NaN anywhere makes the sum NaN
             raise KnnMoeError(f"NaN in the router input of layer {site.layer}: the model's forward produced NaN")
         dist2, ids = layer.search(q, self.options.k)  # (m, k) each, on the layer's device
         dist2, ids = dist2.to(z.device), ids.to(z.device)

@@ -8,6 +8,7 @@ manifest; `two_sigma2` turns them, or an explicit `sigma=`, into the kernel's 2 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,14 +59,19 @@ def layer_stats(keys_fp16: torch.Tensor) -> dict:
     return {"mean_nn_sq_dist": raw, "mean_nn_sq_dist_l2": l2}
 
 
-def two_sigma2(similarity: str, sigma: float | None, stats: dict, layer: int, path: Path) -> float:
+def two_sigma2(similarity: str, sigma: float | None, stats: dict, layer: int, path: Path,
+               in_index_space: Callable[[], float | None] | None = None) -> float:
     """2 sigma^2 of one layer's kernel: 1 for cosine (no bandwidth), 2 sigma^2 for an explicit sigma, else the
-    layer's mean squared nearest-neighbour distance (between L2-normalised keys for rbf_l2)."""
+    layer's mean squared nearest-neighbour distance (between L2-normalised keys for rbf_l2), or, for an index
+    that returns its own distances rather than true ones, that mean as the index measures it."""
     if similarity == "cosine":
         return 1.0
     if sigma is not None:
         return 2.0 * sigma**2
-    stat = stats["mean_nn_sq_dist_l2" if similarity != "rbf" else "mean_nn_sq_dist"]
+    if in_index_space is not None:
+        stat = in_index_space()
+    else:
+        stat = stats["mean_nn_sq_dist_l2" if similarity != "rbf" else "mean_nn_sq_dist"]
     if not stat:
         raise KnnMoeError(
             f"sigma=auto needs at least two distinct keys per layer, and layer {layer} of {path} has not; "
