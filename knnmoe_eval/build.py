@@ -16,8 +16,9 @@ the paper's method and kept as is.
 
 `grad=dense` (beyond the paper): with top-k gating the paper's gradient never names an unselected expert (zero
 for renormalising families, same sign for all of them otherwise). The forward stays exactly sparse while the
-backward treats the layer as the dense softmax mixture of all experts (straight-through, as DenseMixer), which
-costs E/k times the expert compute during the build.
+backward treats the layer as the dense mixture of all experts under the family's own gating rule with every
+expert selected (straight-through, as DenseMixer; docs/families.md), which costs E/k times the expert compute
+during the build.
 
 Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
 the memory itself is written last, manifest last of all. Finalizing merges one layer at a time, streaming each
@@ -73,7 +74,7 @@ class OffsetTransform:
         self.deltas: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32, requires grad
         self.stock_logits: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32
         self.keys: dict[int, torch.Tensor] = {}  # (n_tokens, d) router inputs under stock routing
-        self.dense_probs: dict[int, torch.Tensor] = {}
+        self.dense_probs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # router input, weights (n_tokens, E)
 
     def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if site.layer not in self.deltas:  # first forward of this batch: routing is stock (delta = 0)
@@ -84,16 +85,14 @@ class OffsetTransform:
         if not self.dense:
             return shifted
         # straight-through: the gating below sees detached logits (forward exactly sparse), the experts hook adds
-        # a zero-valued dense mixture whose gradient reaches delta through these probabilities
-        self.dense_probs[site.layer] = F.softmax(shifted.float(), dim=-1)
+        # a zero-valued dense mixture whose gradient reaches delta through every expert's weight under the rule
+        self.dense_probs[site.layer] = (h.detach(), site.dense_weights(shifted))
         return shifted.detach()
 
-    def dense_hook(self, layer: int):
+    def dense_hook(self, site: RouterSite):
         def hook(experts: torch.nn.Module, args, output):
-            h = args[0].detach()  # (n_tokens, d)
-            p = self.dense_probs.pop(layer)  # (n_tokens, E)
-            all_experts = torch.arange(p.shape[-1], device=p.device).expand(p.shape[0], -1)
-            dense = experts.forward(h, all_experts, p.to(h.dtype))
+            h, p = self.dense_probs.pop(site.layer)  # (n_tokens, d), (n_tokens, E)
+            dense = site.dense_experts(h, p)
             return output + (dense - dense.detach())
 
         return hook
@@ -173,8 +172,7 @@ class MemoryBuilder:
         with ExitStack() as stack:
             if self.transform.dense:
                 for site in self.sites:
-                    experts = self.model.get_submodule(site.name.rsplit(".", 1)[0]).experts
-                    stack.callback(experts.register_forward_hook(self.transform.dense_hook(site.layer)).remove)
+                    stack.callback(site.experts.register_forward_hook(self.transform.dense_hook(site)).remove)
             yield
 
     # -- the method ------------------------------------------------------------------------------------------

@@ -29,17 +29,16 @@ from .options import KnnMoeOptions
 class _LayerRetrieval:
     """One layer's index and values, on the device that holds the layer (each GPU its own layers' indexes)."""
 
-    def __init__(self, site: RouterSite, model: torch.nn.Module, memory: Memory, two_sigma2: float,
+    def __init__(self, site: RouterSite, memory: Memory, two_sigma2: float,
                  opts: KnnMoeOptions):
         self.layer = site.layer
         self.normalize = opts.similarity in ("rbf_l2", "cosine")
         mem = memory.layers[site.layer]
         n, d = mem.keys.shape
         self.factory = knn_index.factory_string(opts.index, d, n)
-        self.device = site.module.weight.device
+        self.device = site.weight.device
         if knn_index.is_exact(self.factory):
-            decoder_layer = model.get_submodule(site.name.rsplit(".", 2)[0])
-            macs = knn_index.layer_macs_per_token(decoder_layer, site.num_experts, int(site.module.top_k))
+            macs = knn_index.layer_macs_per_token(site.decoder_layer, site.num_experts, site.top_k)
             knn_index.warn_if_exact_dominates(str(memory.path), n, d, macs)
         entry = memory.manifest["layers"][str(site.layer)]
         cpu_index = knn_index.load_or_build(mem.keys, self.factory, opts.nprobe, self.normalize, memory.path,
@@ -106,7 +105,7 @@ class Retriever:
                     f"use k <= {len(mem)} or a larger memory"
                 )
             self.layers[site.layer] = _LayerRetrieval(
-                site, model, memory, self._two_sigma2(mem.stats, site.layer, memory.path), options
+                site, memory, self._two_sigma2(mem.stats, site.layer, memory.path), options
             )
         self.token_mask: torch.Tensor | None = None  # (n_tokens,) bool: rows to search, when padding is known
         self.reset_diagnostics()
@@ -161,8 +160,8 @@ class Retriever:
         else:
             out = z.clone()
             out[rows] = mixed
-        gated = site.gate(out)  # handed to the hook, which would otherwise gate `out` a second time
-        _, before = site.gate(z_sub)
+        gated = site.gate(out, h.dtype)  # handed to the hook, which would otherwise gate `out` a second time
+        _, before = site.gate(z_sub, h.dtype)
         after = gated[1] if rows is None else gated[1][rows]
         changed = (before.sort(-1).values != after.sort(-1).values).any(-1)
         confident = lam > 0  # (m,) tokens whose proposal was mixed in at all

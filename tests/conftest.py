@@ -5,10 +5,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from knnmoe_eval.families import find_routers
+from knnmoe_eval.families import FAMILIES, find_routers
 from knnmoe_eval.hooks import hooked_routers
 from knnmoe_eval.memory import model_signature, write_memory
-from knnmoe_eval.tiny import FAMILIES, make_tiny_model, save_tiny
+from knnmoe_eval.tiny import make_tiny_model, save_tiny
 
 TASKS = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
 
