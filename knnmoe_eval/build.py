@@ -93,7 +93,7 @@ class OffsetTransform:
         def hook(experts: torch.nn.Module, args, output):
             h, p = self.dense_probs.pop(site.layer)  # (n_tokens, d), (n_tokens, E)
             dense = site.dense_experts(h, p)
-            return output + (dense - dense.detach())
+            return output + (dense - dense.detach()).view_as(output)  # DBRX keeps the batch dimension
 
         return hook
 

@@ -12,13 +12,12 @@ from knnmoe_eval.hooks import hooked_routers
 from knnmoe_eval.memory import load_memory, sha256_file
 from knnmoe_eval.tiny import make_tiny_model
 
-GEN = torch.Generator().manual_seed(0)
-
-
-def sequences(n=6, length=9, n_cont=3):
+def sequences(n=6, length=9, n_cont=3, seed=0):
+    """The same n reference sequences on every call, whatever ran before (tests must not depend on order)."""
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        ids = torch.randint(4, 250, (length + (i % 3),), generator=GEN).tolist()
+        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
         out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
     return out
 
@@ -84,7 +83,9 @@ def test_joint_gradient_matches_finite_differences():
     assert checked > 0 and max(g.abs().max() for g in grads.values()) > 20 * 5e-6  # the check is not vacuous
 
 
-@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe", "mixtral", "gpt_oss"])
+ONE_SIGN = {"olmoe", "qwen2_moe", "jamba", "deepseek_v2", "longcat_flash"}  # softmax over all, top-k, no renorm
+
+
 def test_paper_gradient_never_names_an_unselected_expert_and_dense_does(family):
     model = make_tiny_model(family)
     for p in model.parameters():
@@ -93,15 +94,14 @@ def test_paper_gradient_never_names_an_unselected_expert_and_dense_does(family):
     sites = find_routers(model)
     _, grads, transform = answer_loss_and_grads(model, seq, "paper")
     _, dense_grads, _ = answer_loss_and_grads(model, seq, "dense")
-    renormalizes = sites[0].family.renormalizes(sites[0].module)
     for site in sites:
         g = grads[site.layer]
         _, selected = site.gate(transform.stock_logits[site.layer])
         unselected = torch.ones_like(g, dtype=torch.bool).scatter(1, selected, False)
         g_un = g[unselected].view(g.shape[0], -1)  # (n_tokens, E - k)
-        if renormalizes:  # zero analytically; through softmax then renormalisation, float cancellation leaves ~1e-13
+        if site.sparse_grad:  # zero analytically; through softmax then renormalisation, float cancellation leaves ~1e-13
             assert g_un.abs().max() <= 1e-6 * g.abs().max()
-        else:  # softmax -> top-k without renorm: -p_j * sum_i p_i g_i, one sign per token
+        elif family in ONE_SIGN:  # softmax -> top-k without renorm: -p_j * sum_i p_i g_i, one sign per token
             assert torch.all((g_un >= 0).all(-1) | (g_un <= 0).all(-1))
         d_un = dense_grads[site.layer][unselected].view(g.shape[0], -1)
         answer_rows = slice(g.shape[0] - seq.n_cont, g.shape[0])
@@ -109,8 +109,8 @@ def test_paper_gradient_never_names_an_unselected_expert_and_dense_does(family):
         assert not torch.equal(dense_grads[site.layer], g)
 
 
-def test_dense_gradient_keeps_the_forward_exactly_sparse():
-    model = make_tiny_model("mixtral")
+def test_dense_gradient_keeps_the_forward_exactly_sparse(family):
+    model = make_tiny_model(family)
     seq = sequences(1)[0]
     paper_loss, _, _ = answer_loss_and_grads(model, seq, "paper")
     dense_loss, _, _ = answer_loss_and_grads(model, seq, "dense")
