@@ -38,7 +38,7 @@ class KnnMoeOptions:
     # building
     eta: float = _help("step size of the gradient step(s) on the router logits", default=10.0)
     steps: int = _help("gradient steps T on the logit offsets (paper default 1)", default=1)
-    grad: str = _help("paper: the router's own gradient; dense: straight-through dense-softmax gradient (beyond the paper)", default="paper")
+    grad: str = _help("paper: the router's own gradient; dense: straight-through dense mixture of all experts under the family's gating rule (beyond the paper)", default="paper")
     optimizer: str = _help("sgd (the paper's plain steps) | adam (beyond the paper; for steps > 1)", default="sgd")
     positions: str = _help("answer: positions whose next token is in the gold continuation | all: every scored-context position too", default="answer")
     shard_tokens: int = _help("build: flush a shard to disk every this many stored positions (resume granularity)", default=50_000)
