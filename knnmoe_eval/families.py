@@ -21,7 +21,7 @@ refused at load, naming the family, the version and the largest difference, inst
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -75,11 +75,14 @@ def linear_fp32_if_fp32_weight(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor
 
 
 def _cast(x: torch.Tensor, cast: str | None, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return {"logits": lambda: x.to(z.dtype), "input": lambda: x.to(dtype), None: lambda: x}[cast]()
+    """The weights cast to the logits' dtype, the router input's, or left as computed."""
+    if cast == "logits":
+        return x.to(z.dtype)
+    return x.to(dtype) if cast == "input" else x
 
 
 def _flag(site: "RouterSite", renorm: bool | str) -> bool:
-    return bool(getattr(site.router, renorm)) if isinstance(renorm, str) else renorm
+    return bool(getattr(site.module, renorm)) if isinstance(renorm, str) else renorm
 
 
 def softmax_topk(site, z, dtype, args, *, renorm: bool | str, cast: str | None, upcast_first: bool = False):
@@ -103,7 +106,7 @@ def topk_softmax(site, z, dtype, args, *, fp32: bool, cast: str | None):
 
 def cohere2_topk(site, z, dtype, args):
     """Cohere2-MoE: top-k on the logits -> softmax over them, or sigmoid (-> renormalise), per the config."""
-    r = site.router
+    r = site.module
     top, experts = torch.topk(z, site.top_k, dim=-1)
     if r.expert_selection_fn == "softmax":
         top = F.softmax(top, dim=1, dtype=torch.float)
@@ -116,7 +119,7 @@ def cohere2_topk(site, z, dtype, args):
 
 def _group_mask(site, scores_for_choice: torch.Tensor, group_score) -> torch.Tensor:
     """(n, E) bool: the experts of the `topk_group` best of `n_group` groups (DeepSeek's group-limited routing)."""
-    r = site.router
+    r = site.module
     e = scores_for_choice.shape[-1]
     group_scores = group_score(scores_for_choice.view(-1, r.num_group, e // r.num_group))  # (n, n_group)
     group_idx = torch.topk(group_scores, k=r.topk_group, dim=-1, sorted=False)[1]
@@ -129,7 +132,7 @@ def sigmoid_group_topk(site, z, dtype, args):
     """DeepSeek-V3 and kin (GLM-4.5, dots.llm1, EXAONE-MoE, Solar-Open): sigmoid -> + correction bias ->
     group-limited top-k (groups ranked by their top-2 sum) -> the sigmoid scores of the chosen -> normalise
     (iff `norm_topk_prob`) -> x `routed_scaling_factor`. The bias and groups steer selection only."""
-    r = site.router
+    r = site.module
     scores = z.sigmoid()  # (n, E)
     scores_for_choice = scores + r.e_score_correction_bias
     mask = _group_mask(site, scores_for_choice, lambda g: g.topk(2, dim=-1)[0].sum(dim=-1))
@@ -144,7 +147,7 @@ def sigmoid_group_topk(site, z, dtype, args):
 def softmax_group_topk(site, z, dtype, args):
     """DeepSeek-V2: fp32 softmax -> top-k, greedy or group-limited (groups ranked by their best expert) ->
     x `routed_scaling_factor`, never renormalised."""
-    r = site.router
+    r = site.module
     scores = z.softmax(dim=-1, dtype=torch.float32)
     if r.topk_method == "group_limited_greedy":
         scores = scores.masked_fill(~_group_mask(site, scores, lambda g: g.max(dim=-1).values), 0.0)
@@ -155,7 +158,7 @@ def softmax_group_topk(site, z, dtype, args):
 def softmax_bias_topk(site, z, dtype, args):
     """ERNIE 4.5: fp32 softmax -> + correction bias -> top-k -> the softmax of the chosen -> renormalise
     (denominator clamped at `norm_min`) -> input dtype."""
-    r = site.router
+    r = site.module
     with torch.autocast(z.device.type, enabled=False):
         probs = F.softmax(z, dim=1, dtype=torch.float)
         _, experts = torch.topk(r.moe_statics(probs), site.top_k, dim=-1)
@@ -167,7 +170,7 @@ def softmax_bias_topk(site, z, dtype, args):
 def softmax_bias_topk_scaled(site, z, dtype, args):
     """LongCat-Flash: softmax -> + correction bias -> top-k (zero-compute experts included) -> the softmax of
     the chosen x `routed_scaling_factor`, never renormalised."""
-    r = site.router
+    r = site.module
     scores = z.softmax(dim=-1)
     with torch.no_grad():
         choice = scores.view(-1, r.n_routed_experts) + r.e_score_correction_bias.unsqueeze(0)
@@ -189,7 +192,7 @@ def sigmoid_bias_topk(site, z, dtype, args):
 def sigmoid_bias_topk_scaled(site, z, dtype, args):
     """LFM2-MoE: sigmoid -> (+ the expert bias its MoE block passes, if any) -> top-k -> normalise (iff
     `norm_topk_prob`, +1e-6) -> x `routed_scaling_factor`."""
-    r = site.router
+    r = site.module
     (bias,) = args
     weights = z.sigmoid()
     if r.use_expert_bias:
@@ -205,7 +208,7 @@ def sigmoid_bias_topk_scaled(site, z, dtype, args):
 def sparsemixer(site, z, dtype, args):
     """Phi-3.5-MoE's sparsemixer at inference (top-2): the best expert, weighted by a softmax over the experts
     within 2 x jitter_eps (relative) of it; then the best of the rest, likewise without the first."""
-    eps = site.router.router_jitter_noise
+    eps = site.module.router_jitter_noise
 
     def pick(scores: torch.Tensor) -> Selection:
         with torch.no_grad():
@@ -240,18 +243,18 @@ def block_softmax_topk_pnorm(site, z, dtype, args):
 # Selection-only steps (correction bias, groups, sparsemixer's masks) drop out; weighting steps stay. fp32, (n, E).
 def dense_softmax(site, z, *, scale: str | None = None):
     p = F.softmax(z.float(), dim=-1)
-    return p * getattr(site.router, scale) if scale else p
+    return p * getattr(site.module, scale) if scale else p
 
 
 def dense_sigmoid(site, z, *, norm: bool | str, scale: str | None = None, eps: float = 0.0):
     s = torch.sigmoid(z.float())
     if _flag(site, norm):
         s = s / (s.sum(dim=-1, keepdim=True) + eps)
-    return s * getattr(site.router, scale) if scale else s
+    return s * getattr(site.module, scale) if scale else s
 
 
 def dense_cohere2(site, z):
-    r = site.router
+    r = site.module
     if r.expert_selection_fn == "softmax":
         return dense_softmax(site, z)
     return dense_sigmoid(site, z, norm="norm_topk_prob")
@@ -285,8 +288,7 @@ SOFTMAX_TOPK_RENORM_FP32 = Rule(partial(softmax_topk, renorm=True, cast=None, up
 SOFTMAX_TOPK_INPUT_DTYPE = Rule(partial(softmax_topk, renorm=False, cast="input"), dense_softmax, _always(False))
 TOPK_SOFTMAX = Rule(partial(topk_softmax, fp32=False, cast=None), dense_softmax, _always(True))
 TOPK_SOFTMAX_FP32 = Rule(partial(topk_softmax, fp32=True, cast="input"), dense_softmax, _always(True))
-COHERE2 = Rule(cohere2_topk, dense_cohere2, lambda s: s.router.expert_selection_fn == "softmax"
-               or bool(s.router.norm_topk_prob))
+COHERE2 = Rule(cohere2_topk, dense_cohere2, _always(True))
 SIGMOID_GROUP_TOPK = Rule(sigmoid_group_topk,
                           partial(dense_sigmoid, norm="norm_topk_prob", scale="routed_scaling_factor", eps=1e-20),
                           _always(True))
@@ -346,7 +348,6 @@ class Family:
     args: Callable[[nn.Module], tuple] = no_args  # MoE block -> the extra arguments it passes its router
     top_k_on_block: bool = False  # top_k lives on the MoE block (gating there), not on the router
     dense_experts: Callable = fused_experts_dense  # (experts, h, p) -> experts' output with every expert at p
-    example: str = field(default="", compare=False)  # a checkpoint, for the docs
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -374,7 +375,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("exaone_moe", "ExaoneMoeTopkRouter", SIGMOID_GROUP_TOPK, logits=linear_fp32),
     Family("solar_open", "SolarOpenTopkRouter", SIGMOID_GROUP_TOPK, logits=linear_fp32),
     Family("ernie4_5_moe", "Ernie4_5_MoeTopKRouter", SOFTMAX_BIAS_TOPK, logits=linear_fp32_autocast_off),
-    Family("longcat_flash", "LongcatFlashTopkRouter", SOFTMAX_BIAS_TOPK_SCALED, weight="classifier.weight", logits=linear_fp32),
+    Family("longcat_flash", "LongcatFlashTopkRouter", SOFTMAX_BIAS_TOPK_SCALED, logits=linear_fp32,
+           weight="classifier.weight"),
     Family("minimax_m2", "MiniMaxM2TopKRouter", SIGMOID_BIAS_TOPK, logits=linear_in_weight_dtype,
            args=lambda block: (block.e_score_correction_bias,)),
     Family("lfm2_moe", "Lfm2MoeTopKRouter", SIGMOID_BIAS_TOPK_SCALED,
@@ -399,10 +401,6 @@ class RouterSite:
     decoder_layer: nn.Module
     decoder_layer_name: str
     family: Family
-
-    @property
-    def router(self) -> nn.Module:
-        return self.module
 
     @property
     def weight(self) -> torch.Tensor:

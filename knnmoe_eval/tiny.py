@@ -35,7 +35,8 @@ VOCAB_SIZE = 256 + len(_SPECIALS)
 
 
 _ROPE = {"rope_type": "default", "rope_theta": 10000.0}
-_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4)
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+            num_key_value_heads=4)  # multi-head latent attention: as many kv heads as heads
 _DEEPSEEK = dict(n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=0,
                  routed_scaling_factor=1.5)
 _LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
@@ -85,9 +86,12 @@ TINY: dict[str, dict] = {
     "llama4": dict(model_type="llama4_text", num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=32,
                    attention_chunk_size=16),
     # DBRX copies d_model into its experts' config before generic kwargs such as hidden_size are applied
-    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=512, attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=512,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # clip_qkv=None breaks 5.24
                  ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2}),
 }
+
+
 def tiny_config(family: str, **overrides):
     """A small config of `family` (2 MoE layers, hidden 32, 8 experts, top-2); `overrides` go to the config."""
     from transformers import AutoConfig

@@ -19,8 +19,21 @@ def family(request):
 
 
 @pytest.fixture(scope="session")
-def olmoe_dir(tmp_path_factory):
-    return str(save_tiny("olmoe", tmp_path_factory.mktemp("olmoe")))
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(family): a saved tiny model of `family` with the tokenizer, written once per session."""
+    saved = {}
+
+    def get(family):
+        if family not in saved:
+            saved[family] = str(save_tiny(family, tmp_path_factory.mktemp(family)))
+        return saved[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def olmoe_dir(tiny_dir):
+    return tiny_dir("olmoe")
 
 
 def signature(model):
