@@ -99,7 +99,7 @@ def test_paper_gradient_never_names_an_unselected_expert_and_dense_does(family):
         _, selected = site.gate(transform.stock_logits[site.layer])
         unselected = torch.ones_like(g, dtype=torch.bool).scatter(1, selected, False)
         g_un = g[unselected].view(g.shape[0], -1)  # (n_tokens, E - k)
-        if site.sparse_grad:  # zero analytically; through softmax then renormalisation, float cancellation leaves ~1e-13
+        if site.sparse_grad:  # zero analytically; softmax then renormalisation leaves ~1e-13 of float cancellation
             assert g_un.abs().max() <= 1e-6 * g.abs().max()
         elif family in ONE_SIGN:  # softmax -> top-k without renorm: -p_j * sum_i p_i g_i, one sign per token
             assert torch.all((g_un >= 0).all(-1) | (g_un <= 0).all(-1))

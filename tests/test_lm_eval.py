@@ -19,7 +19,7 @@ from knnmoe_eval.memory import load_memory, model_signature, write_memory
 # the families run through lm-eval here: one per router shape (the rest go through attach() in test_retrieval);
 # KNNMOE_LM_EVAL_FAMILIES=all runs every family
 LM_EVAL_FAMILIES = FAMILIES if os.environ.get("KNNMOE_LM_EVAL_FAMILIES") == "all" else (
-    "deepseek_v3", "llama4", "dbrx", "minimax_m2")
+    "deepseek_v3", "llama4", "dbrx")
 
 
 _TASK_MANAGER = []
