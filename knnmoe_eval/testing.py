@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FAMILIES = ("olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss")
-
 _SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
@@ -36,12 +34,70 @@ def make_tokenizer():
 VOCAB_SIZE = 256 + len(_SPECIALS)
 
 
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4,
+            num_key_value_heads=4)  # multi-head latent attention: as many kv heads as heads
+_DEEPSEEK = dict(n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=0,
+                 routed_scaling_factor=1.5)
+_LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8,
+                         linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4)
+
+# Per family: the config overrides of a tiny model (hybrid families get small state sizes); "model_type" names
+# the config class when the family's causal LM is built from another one's (multimodal checkpoints' text model).
+TINY: dict[str, dict] = {
+    "olmoe": dict(num_experts=8),
+    "flex_olmo": dict(num_experts=8),
+    "qwen2_moe": dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=16),
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=16, norm_topk_prob=True),
+    "qwen3_next": dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                       **_LINEAR_ATTENTION),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe_text", num_experts=8, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=16, **_LINEAR_ATTENTION),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2),
+    "mixtral": dict(num_local_experts=8),
+    "minimax": dict(num_local_experts=8, block_size=16, layer_types=["linear_attention", "full_attention"]),
+    "jamba": dict(num_experts=8, expert_layer_period=1, expert_layer_offset=0, attn_layer_period=2,
+                  attn_layer_offset=1, mamba_d_state=8),
+    "gpt_oss": dict(num_local_experts=8, sliding_window=16, rope_parameters=_ROPE,
+                    layer_types=["sliding_attention", "full_attention"]),
+    "granitemoe": dict(num_local_experts=8),
+    "granitemoeshared": dict(num_local_experts=8, shared_intermediate_size=16),
+    "granitemoehybrid": dict(num_local_experts=8, shared_intermediate_size=16, layer_types=["mamba", "attention"],
+                             mamba_n_heads=4, mamba_d_state=8, mamba_d_head=16, mamba_chunk_size=16),
+    "cohere2_moe": dict(num_experts=8, num_shared_experts=1),
+    "deepseek_v2": dict(**_DEEPSEEK, **_MLA, topk_method="group_limited_greedy", n_group=4, topk_group=2),
+    "deepseek_v3": dict(**_DEEPSEEK, **_MLA, n_group=4, topk_group=2),
+    "glm4_moe": dict(**_DEEPSEEK, n_group=2, topk_group=1),
+    "glm4_moe_lite": dict(n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1,
+                          mlp_layer_types=["sparse", "sparse"], **_MLA),
+    "dots1": dict(**_DEEPSEEK, norm_topk_prob=True),
+    "exaone_moe": dict(num_experts=8, moe_intermediate_size=16, num_shared_experts=1, n_group=2, topk_group=1,
+                       first_k_dense_replace=0),
+    "solar_open": dict(n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+                         moe_layer_start_index=0),
+    "longcat_flash": dict(num_hidden_layers=4, n_routed_experts=6, zero_expert_num=2, expert_ffn_hidden_size=16,
+                          ffn_hidden_size=32, moe_topk=2, **_MLA),
+    "minimax_m2": dict(num_local_experts=8),
+    # a dense first layer: MoE layers 1 and 2
+    "lfm2_moe": dict(num_experts=8, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
+                     layer_types=["conv", "full_attention", "conv"]),
+    "phimoe": dict(num_local_experts=8, rope_parameters=_ROPE),
+    "llama4": dict(model_type="llama4_text", num_local_experts=8, num_experts_per_tok=1, intermediate_size_mlp=32,
+                   attention_chunk_size=16),
+    # DBRX copies d_model into its experts' config before generic kwargs such as hidden_size are applied
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=512,
+                 attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # clip_qkv=None breaks 5.24
+                 ffn_config={"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2}),
+}
+
+
 def tiny_config(family: str, **overrides):
     """A small config of `family` (2 MoE layers, hidden 32, 8 experts, top-2); `overrides` go to the config."""
     from transformers import AutoConfig
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in TINY:
+        raise ValueError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY)}")
     common = dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
@@ -57,33 +113,32 @@ def tiny_config(family: str, **overrides):
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    per_family = {
-        "olmoe": dict(num_experts=8),
-        "qwen2_moe": dict(num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=16),
-        "qwen3_moe": dict(num_experts=8, moe_intermediate_size=16, norm_topk_prob=True),
-        "mixtral": dict(num_local_experts=8),
-        "gpt_oss": dict(num_local_experts=8, sliding_window=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-    }
-    kwargs = {**common, **per_family[family], **overrides}
-    if family == "gpt_oss" and "layer_types" not in overrides:
-        n = kwargs["num_hidden_layers"]
-        kwargs["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(n)]
-    return AutoConfig.for_model(family, **kwargs)
+    kwargs = {**common, **TINY[family], **overrides}
+    n = kwargs["num_hidden_layers"]
+    for name in ("layer_types", "mlp_layer_types"):  # per-layer patterns repeat to a deeper override
+        if name in kwargs and name not in overrides and len(kwargs[name]) != n:
+            kwargs[name] = [kwargs[name][i % len(kwargs[name])] for i in range(n)]
+    return AutoConfig.for_model(kwargs.pop("model_type", family), **kwargs)
 
 
 def make_tiny_model(family: str, seed: int = 0, **overrides):
-    """A random-weight causal LM of `family`, fp32, eval mode. Router weights are scaled up so routing is decisive."""
+    """A random-weight causal LM of `family`, fp32, eval mode. Router weights are scaled up so routing is decisive,
+    and correction biases drawn so that they take part in the selection."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from .core.families import find_routers
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
-                p.normal_(0.0, 0.5)
-            elif name.endswith("mlp.router.bias"):
-                p.normal_(0.0, 0.1)
+        for site in find_routers(model, check=False):
+            site.weight.normal_(0.0, 0.5)
+            if site.bias is not None:
+                site.bias.normal_(0.0, 0.1)
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                t.normal_(0.0, 0.1)
     return model.eval()
 
 

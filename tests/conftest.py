@@ -5,12 +5,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.families import FAMILIES, find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.core.memory import write_memory
 from knnmoe_eval.core.signature import model_signature
 from knnmoe_eval.experiments.toy import ToyConfig
-from knnmoe_eval.testing import FAMILIES, make_tiny_model, save_tiny
+from knnmoe_eval.testing import make_tiny_model, save_tiny
 
 # a toy small enough to train in a fraction of a second (2 steps): for the data, the tasks and the pipeline, not
 # for accuracy
@@ -25,8 +25,21 @@ def family(request):
 
 
 @pytest.fixture(scope="session")
-def olmoe_dir(tmp_path_factory):
-    return str(save_tiny("olmoe", tmp_path_factory.mktemp("olmoe")))
+def tiny_dir(tmp_path_factory):
+    """tiny_dir(family): a saved tiny model of `family` with the tokenizer, written once per session."""
+    saved = {}
+
+    def get(family):
+        if family not in saved:
+            saved[family] = str(save_tiny(family, tmp_path_factory.mktemp(family)))
+        return saved[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def olmoe_dir(tiny_dir):
+    return tiny_dir("olmoe")
 
 
 def signature(model):

@@ -12,13 +12,13 @@ from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.testing import make_tiny_model
 
-GEN = torch.Generator().manual_seed(0)
 
-
-def sequences(n=6, length=9, n_cont=3):
+def sequences(n=6, length=9, n_cont=3, seed=0):
+    """The same n reference sequences on every call, whatever ran before (tests must not depend on order)."""
+    gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        ids = torch.randint(4, 250, (length + (i % 3),), generator=GEN).tolist()
+        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
         out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
     return out
 

@@ -10,12 +10,18 @@ import lm_eval
 import lm_eval.tasks
 import pytest
 import torch
-from conftest import TASKS, router_inputs, write_constant_memory
+from conftest import TASKS, empty_keys, router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.families import find_routers
-from knnmoe_eval.core.memory import write_memory
+from knnmoe_eval.core.families import FAMILIES, find_routers
+from knnmoe_eval.core.memory import load_memory, write_memory
 from knnmoe_eval.core.signature import model_signature
+
+# the families run through lm-eval here: one per router shape (the rest go through attach() in test_retrieval);
+# KNNMOE_LM_EVAL_FAMILIES=all runs every family
+LM_EVAL_FAMILIES = FAMILIES if os.environ.get("KNNMOE_LM_EVAL_FAMILIES") == "all" else (
+    "deepseek_v3", "llama4", "dbrx")
+
 
 _TASK_MANAGER = []
 
@@ -167,3 +173,32 @@ def test_left_padded_generation_searches_only_real_tokens_and_equals_unpadded(ol
     for layer, d in diag.items():
         assert d["tokens"] == real == sum(a[layer]["tokens"] for _, a in alone)
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("family", LM_EVAL_FAMILIES)
+def test_family_through_lm_eval_reproduces_stock_then_builds_and_retrieves(family, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pretrained = tiny_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(pretrained)
+    tasks = ["tinyqa", "tinyqa_gen"]  # loglikelihood and generate_until
+    stock = evaluate("hf", f"pretrained={pretrained}", tasks)
+    hidden = model_signature(model, find_routers(model))["hidden_size"]
+    memories = {
+        "empty": empty_keys(model),
+        "far": {l: torch.full((4, hidden), 500.0) + torch.arange(4.0)[:, None] for l in empty_keys(model)},
+    }
+    for kind, keys in memories.items():
+        mem = write_constant_memory(tmp_path / kind, model, keys, lambda l, n, e: torch.randn(n, e) * 100)
+        ours = evaluate("hf-knnmoe", f"pretrained={pretrained},memory={mem},sigma=1", tasks)
+        for task in tasks:
+            assert per_doc(ours, task) == per_doc(stock, task), (kind, task)
+
+    built = tmp_path / "built"
+    grad = "dense" if family == "phimoe" else "paper"  # see test_families: sparsemixer's paper gradient vanishes
+    evaluate("hf-knnmoe", f"pretrained={pretrained},mode=build,memory={built},eta=1e6,grad={grad}", ["tinyqa_ref"])
+    load_memory(built)  # complete, checksums verified
+    ours = evaluate("hf-knnmoe", f"pretrained={pretrained},memory={built},sigma=0.1", ["tinyqa_ref"])
+    first = ours["config"]["knnmoe"]["diagnostics"][str(find_routers(model)[0].layer)]
+    # the requests are the stored sequences: their answer tokens find themselves (per-token locality of the
+    # change is checked through attach() in test_families)
+    assert first["mean_lambda"] > 0.05 and first["topk_changed"] > 0

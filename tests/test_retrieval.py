@@ -1,22 +1,19 @@
 """attach(): an empty or far memory reproduces the stock model bit for bit; a near one moves the experts."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import empty_keys, router_inputs, signature, write_constant_memory
 
-from knnmoe_eval import attach
+from knnmoe_eval import KnnMoeOptions, attach
 from knnmoe_eval.core.families import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.core.memory import load_memory
+from knnmoe_eval.core.retrieval import Retriever
 from knnmoe_eval.testing import make_tiny_model
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-def record_layer(record, layer):
-    def hook(module, args, out):
-        record(module, args, out, layer)
-
-    return hook
 
 
 @pytest.mark.parametrize("memory_kind", ["empty", "far"])
@@ -44,43 +41,44 @@ def test_values_naming_other_experts_change_topk_where_lambda_is_high_only(tmp_p
     model = make_tiny_model(family)
     sites = find_routers(model)
     near = router_inputs(model, IDS[:1])  # memory = the first sequence's own router inputs
-    E = signature(model)["num_experts"]
+    E, k = signature(model)["num_experts"], sites[0].top_k
 
     def values(layer, n, e):
         v = torch.full((n, e), -20.0)
-        v[:, -2:] = 20.0  # always the last two experts
+        v[:, -k:] = 20.0  # always the last k experts
         return v
 
-    mem = write_constant_memory(tmp_path / "m", model, near, values)
+    mem = load_memory(write_constant_memory(tmp_path / "m", model, near, values))
+
+    def topk_sets(ids, transform):
+        """Sorted top-k expert ids per layer, as the family's gating made them from the hooked logits."""
+        sets = {}
+
+        def recording(site, h, z):
+            out = transform(site, h, z)
+            z, gated = out if isinstance(out, tuple) else (out, site.gate(out, h.dtype))
+            sets[site.layer] = gated[1].sort(-1).values
+            return z, gated
+
+        with torch.no_grad(), hooked_routers(sites, recording):
+            model(ids)
+        return sets
+
+    def retriever(**options):
+        return Retriever(model, mem, replace(KnnMoeOptions(memory=str(mem.path)), **options), sites=sites)
 
     def passthrough(site, h, z):
         return z
 
-    def topk_sets(ids, ctx):
-        """Sorted top-k expert ids per layer, as the MoE blocks received them."""
-        sets = {}
-
-        def record(module, args, out, layer):
-            sets[layer] = out[2].sort(-1).values
-
-        handles = [s.module.register_forward_hook(record_layer(record, s.layer)) for s in sites]
-        try:
-            with torch.no_grad(), ctx as r:
-                model(ids)
-        finally:
-            for h in handles:
-                h.remove()
-        return sets, r
-
     far_ids = IDS[1:] * 0 + 200  # a sequence unlike the stored one
-    stock_near, _ = topk_sets(IDS[:1], hooked_routers(sites, passthrough))
-    mixed_near, r = topk_sets(IDS[:1], attach(model, mem, sigma=0.05))
+    stock_near = topk_sets(IDS[:1], passthrough)
+    mixed_near = topk_sets(IDS[:1], r := retriever(sigma=0.05))
     first = sites[0].layer
     assert r.diagnostics()[str(first)]["mean_lambda"] == pytest.approx(1.0, abs=1e-3)
-    assert torch.all(mixed_near[first] == torch.tensor([E - 2, E - 1]))
+    assert torch.all(mixed_near[first] == torch.arange(E - k, E))
     assert not torch.equal(stock_near[first], mixed_near[first])
-    stock_far, _ = topk_sets(far_ids, hooked_routers(sites, passthrough))
-    mixed_far, r = topk_sets(far_ids, attach(model, mem, sigma=0.05, max_distance=0.5))
+    stock_far = topk_sets(far_ids, passthrough)
+    mixed_far = topk_sets(far_ids, r := retriever(sigma=0.05, max_distance=0.5))
     assert r.diagnostics()[str(first)]["mean_lambda"] == 0.0
     assert all(torch.equal(stock_far[l], mixed_far[l]) for l in stock_far)
 

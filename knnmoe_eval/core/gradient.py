@@ -21,7 +21,8 @@ positions, which shrinks the step of an n-token answer n-fold.
 
 `grad=dense` (beyond the paper): the paper's gradient never names an unselected expert (zero for renormalising
 families, one shared sign otherwise). The forward stays exactly sparse while the backward treats the layer as
-the dense softmax mixture of all experts (straight-through, as DenseMixer): E/k times the expert compute.
+the dense mixture of all experts under the family's own gating rule with every expert selected (straight-through,
+as DenseMixer; `docs/families.md`): E/k times the expert compute.
 
 Log-probabilities are computed at the scored positions only (`logits_to_keep`): a full-vocabulary fp32 logit
 tensor of a whole batch is gigabytes at a 150k vocabulary.
@@ -35,7 +36,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .families import RouterSite
 from .hooks import hooked_routers
@@ -49,7 +49,7 @@ class LeafLogits:
         self.leaves: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32, requires grad
         self.stock: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32
         self.keys: dict[int, torch.Tensor] = {}  # (n_tokens, d) router inputs of the stock forward
-        self.dense_probs: dict[int, torch.Tensor] = {}
+        self.dense_probs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # router input, weights (n_tokens, E)
 
     def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if site.layer not in self.leaves:  # first forward: routing is stock
@@ -60,21 +60,19 @@ class LeafLogits:
         if not self.dense:
             return used
         # straight-through: the gating sees detached logits (forward exactly sparse); the experts' hook adds a
-        # zero-valued dense mixture whose gradient reaches the leaf through these probabilities
-        self.dense_probs[site.layer] = F.softmax(used.float(), dim=-1)
+        # zero-valued dense mixture whose gradient reaches the leaf through every expert's weight under the rule
+        self.dense_probs[site.layer] = (h.detach(), site.dense_weights(used))
         return used.detach()
 
     def z_star(self, layer: int) -> torch.Tensor:
         """The stored value of `layer`: the last iterate of its logits, (n_tokens, E) fp32."""
         return self.leaves[layer].detach().clone()
 
-    def dense_hook(self, layer: int):
+    def dense_hook(self, site: RouterSite):
         def hook(experts: torch.nn.Module, args, output):
-            h = args[0].detach()  # (n_tokens, d)
-            p = self.dense_probs.pop(layer)  # (n_tokens, E)
-            all_experts = torch.arange(p.shape[-1], device=p.device).expand(p.shape[0], -1)
-            dense = experts.forward(h, all_experts, p.to(h.dtype))
-            return output + (dense - dense.detach())
+            h, p = self.dense_probs.pop(site.layer)  # (n_tokens, d), (n_tokens, E)
+            dense = site.dense_experts(h, p)
+            return output + (dense - dense.detach()).view_as(output)  # DBRX keeps the batch dimension
 
         return hook
 
@@ -85,8 +83,7 @@ def _dense_experts(model: torch.nn.Module, sites: Sequence[RouterSite], transfor
     with ExitStack() as stack:
         if transform.dense:
             for site in sites:
-                experts = model.get_submodule(site.name.rsplit(".", 1)[0]).experts
-                stack.callback(experts.register_forward_hook(transform.dense_hook(site.layer)).remove)
+                stack.callback(site.experts.register_forward_hook(transform.dense_hook(site)).remove)
         yield
 
 

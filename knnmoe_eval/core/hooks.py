@@ -1,8 +1,9 @@
 """The one hook mechanism shared by retrieval and memory building.
 
 Each router *instance* gets its forward replaced (checkpoint key names, `output_router_logits` recording and the
-MoE block's call all stay as they are) by: logits from the router input, `transform(site, h, z) -> z'`, then the
-family's own gating on z' (or `-> (z', gating)` when the transform has already run that gating). Retrieval's
+MoE block's call all stay as they are) by `RouterSite.route`: logits from the router input,
+`transform(site, h, z) -> z'`, then the family's own gating on z' (or `-> (z', gating)` when the transform has
+already run that gating), returned in the shape the stock router returns. Retrieval's
 transform mixes in the memory; the build's adds trainable offsets and records keys. The context manager restores
 every router in `finally` and, on exit, checks that every hooked router actually ran: a hub kernel that replaces
 the MoE forward would otherwise silently bypass us.
@@ -22,14 +23,9 @@ Transform = Callable[[RouterSite, torch.Tensor, torch.Tensor], torch.Tensor | tu
 
 
 def _hooked_forward(site: RouterSite, transform: Transform, calls: dict[int, int]):
-    def forward(hidden_states: torch.Tensor):
-        h = hidden_states.reshape(-1, site.hidden_size)  # (n_tokens, d)
-        out = transform(site, h, site.logits(h))
-        # a transform that already gated its logits (retrieval does, for its diagnostics) hands the result over
-        z, gated = out if isinstance(out, tuple) else (out, None)  # z: (n_tokens, E)
-        scores, indices = gated if gated is not None else site.gate(z)
+    def forward(hidden_states: torch.Tensor, *args):  # args: what some MoE blocks pass (a correction bias)
         calls[site.layer] += 1
-        return z, scores, indices
+        return site.route(hidden_states, args, transform)
 
     return forward
 

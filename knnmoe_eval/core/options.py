@@ -39,7 +39,7 @@ class KnnMoeOptions:
     eta: float = _help("step size of the gradient step(s) on the router logits (the paper's value is lost from its text; 100 chosen on the toy, docs/paper-vs-package.md)", default=100.0)
     steps: int = _help("gradient steps T on the logit offsets (paper default 1)", default=1)
     loss: str = _help("sum: the NLL of every scored token, summed (Eq. 2; exact for one-token answers) | mean: each sequence's mean (steps shrink with the answer's length)", default="sum")
-    grad: str = _help("paper: the router's own gradient; dense: straight-through dense-softmax gradient (beyond the paper)", default="paper")
+    grad: str = _help("paper: the router's own gradient; dense: straight-through dense mixture of all experts under the family's gating rule (beyond the paper)", default="paper")
     optimizer: str = _help("sgd (the paper's plain steps) | adam (beyond the paper; for steps > 1)", default="sgd")
     positions: str = _help("answer: positions whose next token is in the gold continuation | all: every position after the first, each scored on its own next token (the paper's every time step)", default="answer")
     shard_tokens: int = _help("build: flush a shard to disk every this many stored positions (resume granularity)", default=50_000)

@@ -39,7 +39,7 @@ def routing_unchanged(site: RouterSite, keys: torch.Tensor, values: torch.Tensor
     out = torch.empty(keys.shape[0], dtype=torch.bool)
     with torch.no_grad():
         for start in range(0, keys.shape[0], _CHUNK):
-            k = keys[start : start + _CHUNK].to(site.module.weight)
+            k = keys[start : start + _CHUNK].to(site.weight)
             z = site.logits(k)  # (m, E) stock logits
             v = values[start : start + _CHUNK].to(z)
             w_stock, e_stock = site.gate(z)

@@ -40,17 +40,16 @@ class _LayerRetrieval:
     candidates' true distances (`index.rerank`).
     """
 
-    def __init__(self, site: RouterSite, model: torch.nn.Module, memory: Memory, opts: KnnMoeOptions):
+    def __init__(self, site: RouterSite, memory: Memory, opts: KnnMoeOptions):
         self.layer = site.layer
         self.normalize = opts.similarity in ("rbf_l2", "cosine")
         mem = memory.layers[site.layer]
         n, d = mem.keys.shape
         self.plan = knn_index.plan(opts.index, d, n, opts.nprobe)
         self.factory = self.plan.factory
-        self.device = site.module.weight.device
+        self.device = site.weight.device
         if self.plan.exact:
-            decoder_layer = model.get_submodule(site.name.rsplit(".", 2)[0])
-            macs = knn_index.layer_macs_per_token(decoder_layer, site.num_experts, int(site.module.top_k))
+            macs = knn_index.layer_macs_per_token(site.decoder_layer, site.num_experts, site.top_k)
             knn_index.warn_if_exact_dominates(str(memory.path), n, d, macs)
         if self.plan.exact and self.device.type == "cuda":  # a torch matmul on the device: faiss not needed
             self.index, self.cpu_index = knn_index.TorchExactIndex(mem.keys, self.device, self.normalize), None
@@ -100,7 +99,7 @@ class Retriever:
         memory.check_matches(model_signature(model, self.sites))
         self.options = options
         self.layers: dict[int, _LayerRetrieval] = {}
-        host_keys = [memory.layers[s.layer].keys for s in self.sites if s.module.weight.device.type != "cuda"]
+        host_keys = [memory.layers[s.layer].keys for s in self.sites if s.weight.device.type != "cuda"]
         knn_index.check_exact_fits(str(memory.path), sum(  # exact copies of the (n, d) fp16 keys in host RAM
             k.numel() * k.element_size() for k in host_keys
             if len(k) and knn_index.plan(options.index, k.shape[1], k.shape[0]).exact
@@ -114,7 +113,7 @@ class Retriever:
                     f"k={options.k} but layer {site.layer} of memory {memory.path} holds only {len(mem)} keys; "
                     f"use k <= {len(mem)} or a larger memory"
                 )
-            self.layers[site.layer] = _LayerRetrieval(site, model, memory, options)
+            self.layers[site.layer] = _LayerRetrieval(site, memory, options)
         self.reset_diagnostics()
 
     def reset_diagnostics(self) -> None:
@@ -167,8 +166,8 @@ class Retriever:
         else:
             out = z.clone()
             out[rows] = mixed
-        gated = site.gate(out)  # handed to the hook, which would otherwise gate `out` a second time
-        _, before = site.gate(z_sub)
+        gated = site.gate(out, h.dtype)  # handed to the hook, which would otherwise gate `out` a second time
+        _, before = site.gate(z_sub, h.dtype)
         after = gated[1] if rows is None else gated[1][rows]
         changed = (before.sort(-1).values != after.sort(-1).values).any(-1)
         confident = lam > 0  # (m,) tokens whose proposal was mixed in at all

@@ -13,7 +13,7 @@ from .families import RouterSite
 def router_fingerprint(site: RouterSite) -> str:
     """sha256 of the router weights rounded to bf16: equal for a bf16 checkpoint loaded in bf16, fp16 or fp32."""
     h = hashlib.sha256()
-    for p in (site.module.weight, getattr(site.module, "bias", None)):
+    for p in (site.weight, site.bias):
         if p is not None:
             h.update(p.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()
@@ -27,7 +27,7 @@ def model_signature(model: torch.nn.Module, sites: Sequence[RouterSite]) -> dict
         "model_type": sites[0].family.name,
         "hidden_size": sites[0].hidden_size,
         "num_experts": sites[0].num_experts,
-        "top_k": int(sites[0].module.top_k),
+        "top_k": sites[0].top_k,
         "moe_layers": [s.layer for s in sites],
         "router_fingerprints": {str(s.layer): router_fingerprint(s) for s in sites},
     }

@@ -130,16 +130,13 @@ def split(sequences: list[RefSequence], val_frac: float, seed: int) -> tuple[lis
 # -- the model ---------------------------------------------------------------------------------------------------
 def _expert_and_router_params(model) -> tuple[list[str], list[str]]:
     """(fused 3-d expert weights, router weights) as layer-relative parameter names, e.g. 'mlp.experts.down_proj'."""
-    sites = find_routers(model)
     experts, routers = set(), set()
-    for site in sites:
-        block = site.name.rsplit(".", 1)[0]
-        prefix = site.name.split(f"layers.{site.layer}.", 1)[1]
-        routers.add(f"{prefix}.weight")
-        module = model.get_submodule(block)
-        for name, p in getattr(module, "experts", torch.nn.Module()).named_parameters(recurse=False):
+    for site in find_routers(model):
+        layer = site.decoder_layer_name + "."
+        routers.add(site.weight_name.removeprefix(layer))
+        for name, p in site.experts.named_parameters(recurse=False):
             if p.ndim == 3:  # (E, in, out) weights; 2-d expert biases are left frozen, like every bias
-                experts.add(f"{prefix.rsplit('.', 1)[0]}.experts.{name}")
+                experts.add(f"{site.experts_name.removeprefix(layer)}.{name}")
     return sorted(experts), sorted(routers)
 
 
