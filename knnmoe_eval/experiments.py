@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import KnnMoeError
 from .memory import write_json_atomic
-from .stats import lowest_fraction, paired_bootstrap
+from .stats import paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ class Runner:
             "contexts": [s["arguments"][0][0] for s in samples],
             "wall_s": wall,
             "diagnostics": result["config"].get("knnmoe", {}).get("diagnostics"),
+            "selective_skipped": result["config"].get("knnmoe", {}).get("selective_skipped"),
         }
         write_json_atomic(path, record)
         return record
@@ -231,12 +232,9 @@ class Runner:
         cached = json.loads(path.read_text()) if path.exists() else None
         if cached is not None and cached["doc_ids"] == zero["doc_ids"]:
             return np.array(cached["ppl"])
-        from lm_eval.api.instance import Instance
+        from .lm import context_perplexity
 
-        requests = [Instance("loglikelihood_rolling", doc={}, arguments=(c,), idx=0) for c in zero["contexts"]]
-        logliks = self.base.loglikelihood_rolling(requests, disable_tqdm=True)
-        tokens = [max(1, len(self.base.tok_encode(c))) for c in zero["contexts"]]
-        ppl = [float(np.exp(-ll / n)) for ll, n in zip(logliks, tokens)]
+        ppl = [float(p) for p in context_perplexity(self.base, zero["contexts"])]
         write_json_atomic(path, {"doc_ids": zero["doc_ids"], "ppl": ppl})
         return np.array(ppl)
 
@@ -260,15 +258,9 @@ class Runner:
         return self.knn(bench, "knn-dense", build=DENSE)
 
     def selective(self, bench: Benchmark) -> dict:
-        """kNN-MoE with retrieval skipped on the lowest-perplexity third of the test items (paper Table 3).
-
-        Retrieval acts on each item alone, so skipping it for an item gives exactly that item's zero-shot score:
-        the two finished runs are combined item by item instead of running a third pass.
-        """
-        zero, knn = self.zero_shot(bench), self.knn(bench)
-        skip = lowest_fraction(self.perplexity(bench), self.s.selective_fraction)
-        scores = np.where(skip, zero["scores"], knn["scores"])
-        return {**knn, "scores": [float(x) for x in scores], "skipped": int(skip.sum())}
+        """kNN-MoE with retrieval off for the lowest-perplexity third of the test items (paper Table 3): the
+        `selective_fraction` option of hf-knnmoe, which scores every context under the stock model first."""
+        return self.knn(bench, "knn-selective", selective_fraction=self.s.selective_fraction)
 
     def methods(self, bench: Benchmark) -> dict[str, dict]:
         """Table 1's rows for one benchmark, in the paper's order. A method that cannot run here (e.g. IVFPQ on a

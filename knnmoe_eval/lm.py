@@ -3,7 +3,8 @@
 Everything `hf` does (tokenization, batching, chat templates, data parallelism) is inherited untouched; the
 routers are hooked only inside `_model_call` and `_model_generate`. In `mode=build` the model instead
 teacher-forces the build task's gold answers (or, with `labels=FILE`, pseudo-labels: `labels.py`) and writes a
-memory (see `build.py`).
+memory (see `build.py`). With `selective_ppl=` or `selective_fraction=` (the paper's Selective variant) a first
+pass scores every request's context under the stock model and retrieval stays off for the confident ones.
 
     lm_eval --model hf-knnmoe --model_args pretrained=M,memory=memories/X --tasks medmcqa
     lm_eval --model hf-knnmoe --model_args pretrained=M,mode=build,memory=memories/X --tasks knnmoe_medmcqa_ref
@@ -15,11 +16,13 @@ import inspect
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
+from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
@@ -31,6 +34,7 @@ from .labels import labelled_continuation, read_labels
 from .memory import load_memory, model_signature
 from .options import split_model_args
 from .retrieval import Retriever
+from .stats import lowest_fraction
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,8 @@ class KnnMoeLM(HFLM):
         else:
             memory = load_memory(self.knn.memory, self.knn.verify)
             self.retriever = Retriever(self.model, memory, self.knn, sites=self.sites)
+        self._retrieve = True  # Selective turns retrieval off for the requests it skips
+        self.skipped: int | None = None  # documents Selective ran without retrieval
 
     def _init_distributed_cpu(self) -> None:
         """`hf` wires data parallelism for accelerators only; a CPU `accelerate launch` build splits requests too."""
@@ -65,6 +71,9 @@ class KnnMoeLM(HFLM):
                 "mode=build only teacher-forces loglikelihood build tasks (output_type loglikelihood, or "
                 "multiple_choice emitting only the gold answer); evaluate with mode=eval"
             )
+        if not self._retrieve:
+            yield
+            return
         self.retriever.token_mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
         try:
             with hooked_routers(self.sites, self.retriever):
@@ -82,8 +91,53 @@ class KnnMoeLM(HFLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.knn.mode != "build":
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            return self._selective(super().loglikelihood, requests, disable_tqdm)
         return self._build(requests)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._selective(super().generate_until, requests, disable_tqdm)
+
+    # -- Selective ---------------------------------------------------------------------------------------------
+    @contextmanager
+    def _retrieval_off(self) -> Iterator[None]:
+        self._retrieve = False
+        try:
+            yield
+        finally:
+            self._retrieve = True
+
+    def _selective(self, run, requests, disable_tqdm: bool) -> list:
+        """Run `requests` with retrieval, except those Selective skips, which run as the stock model."""
+        if self.knn.selective_ppl is None and self.knn.selective_fraction is None:
+            return run(requests, disable_tqdm=disable_tqdm)
+        skipped = self._skipped(requests)
+        skip = [(r.task_name, r.doc_id) in skipped for r in requests]
+        results = [None] * len(requests)
+        for off in (False, True):
+            where = [i for i, s in enumerate(skip) if s == off]
+            if not where:
+                continue
+            with self._retrieval_off() if off else nullcontext():
+                for i, out in zip(where, run([requests[i] for i in where], disable_tqdm=disable_tqdm)):
+                    results[i] = out
+        self.skipped = (self.skipped or 0) + len(skipped)
+        return results
+
+    def _skipped(self, requests) -> set[tuple[str, int]]:
+        """The (task, doc_id) whose context's stock perplexity falls below the threshold. A document's requests
+        share one context; under selective_fraction each task's documents are ranked by it, ties in doc_id order."""
+        docs = sorted({(r.task_name, r.doc_id): r.args[0] for r in requests}.items())
+        with self._retrieval_off():
+            ppl = dict(zip((d for d, _ in docs), context_perplexity(self, [c for _, c in docs])))
+        if self.knn.selective_ppl is not None:
+            skipped = {d for d, p in ppl.items() if p < self.knn.selective_ppl}
+        else:
+            skipped = set()
+            for task in {t for t, _ in ppl}:
+                mine = [d for d in ppl if d[0] == task]  # sorted by doc_id
+                mask = lowest_fraction(np.array([ppl[d] for d in mine]), self.knn.selective_fraction)
+                skipped |= {d for d, m in zip(mine, mask) if m}
+        return skipped
 
     def _build(self, requests) -> list[tuple[float, bool]]:
         rids = [(r.task_name, r.doc_id, r.idx) for r in requests]
@@ -121,4 +175,15 @@ class KnnMoeLM(HFLM):
                          d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
             if self.knn.diagnostics:
                 Path(self.knn.diagnostics).write_text(json.dumps(diag, indent=2))
+        if self.skipped is not None:
+            info["knnmoe"]["selective_skipped"] = self.skipped
         return info
+
+
+def context_perplexity(lm: HFLM, contexts: list[str]) -> np.ndarray:
+    """Perplexity of each context under `lm` (lm-eval's rolling loglikelihood, per token of the context): the
+    paper's Table 2 buckets and Selective's threshold use this one definition."""
+    requests = [Instance("loglikelihood_rolling", doc={}, arguments=(c,), idx=0) for c in contexts]
+    logliks = lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    tokens = [max(1, len(lm.tok_encode(c))) for c in contexts]
+    return np.exp(-np.array(logliks, dtype=np.float64) / np.array(tokens))

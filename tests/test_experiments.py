@@ -116,3 +116,33 @@ def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):
     # 4 references give 8 keys per layer, too few to train IVFPQ: the row says so instead of failing the table
     assert set(result["errors"]) == {"kNN-MoE (IVFPQ) on gpqa", "kNN-MoE (IVFPQ) on medmcqa"}
     assert "index=exact" in (tmp_path / "out" / "table.md").read_text()
+
+
+@pytest.mark.e2e
+def test_selective_option_equals_the_stitched_runs(toy_dir, tmp_path):
+    """hf-knnmoe's selective options turn retrieval off per document: a skipped document's loglikelihoods are the
+    stock model's, every other document's kNN-MoE's (the result the runner used to stitch together from two
+    finished runs). Equal up to float32 rounding, which moves with the batch a request shares: lm-eval batches
+    the skipped and the retrieved requests apart (observed 1 ulp; 2e-6 is 4 float32 ulps of a loglikelihood near -5)."""
+    import numpy as np
+
+    from knnmoe_eval.stats import lowest_fraction
+
+    runner = Runner(toy_settings(toy_dir, tmp_path))
+    bench = runner_bench("toy_shift")
+    memory, ppl = runner.memory(bench), runner.perplexity(bench)
+
+    def logliks(lm):
+        samples = runner._evaluate(lm, bench.test, runner.s.limit)["samples"][bench.test]
+        return np.array([[r[0][0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])])
+
+    zero, knn = logliks(runner.base), logliks(runner.knn_lm(memory, k=1))
+    assert (np.abs(zero - knn).max(axis=1) > 2e-5).all()  # retrieval moves every document well beyond rounding
+    for options, skip in (({"selective_fraction": 1 / 3}, lowest_fraction(ppl, 1 / 3)),
+                          ({"selective_ppl": float(np.median(ppl))}, ppl < np.median(ppl))):
+        lm = runner.knn_lm(memory, k=1, **options)
+        np.testing.assert_allclose(logliks(lm), np.where(skip[:, None], zero, knn), rtol=0, atol=2e-6)
+        assert lm.skipped == skip.sum() > 0
+    row = runner.selective(bench)  # the runner's Selective row runs the option
+    stitched = np.where(lowest_fraction(ppl, 1 / 3), runner.zero_shot(bench)["scores"], runner.knn(bench)["scores"])
+    assert row["scores"] == stitched.tolist() and row["selective_skipped"] == 4
