@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ class Settings:
     allow_code_execution: bool = False
     gen_kwargs: str | None = None  # overrides the generative tasks' generation_kwargs, e.g. max_gen_toks=64
     judge: str | None = None  # labeller for the unlabelled ablation: knn-dense | lm-eval "MODEL:ARGS"
+    seeds: tuple[int, ...] = (0, 1, 2)  # the seeds ablation's SFT training seeds (paper Appendix D)
     cache: str = ".cache"
 
     def __post_init__(self):
@@ -150,6 +152,13 @@ class Runner:
         return HFLM(pretrained=self.pretrained, peft=str(adapter), device=self.s.device, dtype=self.s.dtype,
                     batch_size=self.s.batch_size, parallelize=self.s.parallelize)
 
+    def c3po_lm(self, references: Path, **options):
+        from .c3po import C3POLM
+
+        return C3POLM(pretrained=self.pretrained, device=self.s.device, dtype=self.s.dtype,
+                      batch_size=self.s.batch_size, parallelize=self.s.parallelize, references=str(references),
+                      **options)
+
     def judge_lm(self, bench: Benchmark):
         """The judge that labels references in the unlabelled ablation: `knn-dense` is this model with its
         gold-built dense-gradient memory; anything else is an lm-eval model spec `MODEL:ARGS`."""
@@ -184,15 +193,26 @@ class Runner:
                        {"wall_s": lm.build_wall_s, "references": n, **build})
         return path
 
-    def adapter(self, bench: Benchmark, method: str) -> Path:
-        """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`)."""
+    def c3po_references(self, bench: Benchmark) -> Path:
+        """Which of `bench`'s first N references the stock model answers (C3PO's successful neighbours)."""
+        path = self.out / "c3po" / f"{bench.name}-n{self.s.ref_limit or 'all'}.json"
+        if not path.exists():
+            lm = self.c3po_lm(path, mode="build")
+            self._evaluate(lm, bench.ref, limit=self.s.ref_limit)
+            write_json_atomic(path.with_suffix(".build.json"), {"wall_s": lm.record_wall_s,
+                                                                "references": self.s.ref_limit})
+        return path
+
+    def adapter(self, bench: Benchmark, method: str, seed: int | None = None) -> Path:
+        """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`), by default with --seed."""
         from .sft import train_sft
 
+        seed = self.s.seed if seed is None else seed
         lr = self.s.lora_lr if method == "lora" else self.s.router_lr
         path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.s.ref_limit or 'all'}-lr{lr or 'default'}"
-                                        f"-e{self.s.sft_epochs}-b{self.s.sft_batch_size}-s{self.s.seed}")
+                                        f"-e{self.s.sft_epochs}-b{self.s.sft_batch_size}-s{seed}")
         train_sft(self.pretrained, [bench.ref], path, method, include_path=self.s.include_path,
-                  metadata=self.metadata, limit=self.s.ref_limit, seed=self.s.seed, epochs=self.s.sft_epochs,
+                  metadata=self.metadata, limit=self.s.ref_limit, seed=seed, epochs=self.s.sft_epochs,
                   lr=lr, batch_size=self.s.sft_batch_size,
                   device=self.s.device, dtype="float32" if self.s.dtype == "auto" else self.s.dtype, progress=True)
         return path
@@ -238,6 +258,23 @@ class Runner:
         write_json_atomic(path, {"doc_ids": zero["doc_ids"], "ppl": ppl})
         return np.array(ppl)
 
+    def load_balance(self, run: str, bench: Benchmark, make_lm, config: dict | None = None) -> np.ndarray:
+        """The family's load-balancing loss of each test item's prompt under a method's routing (Table 11), cached
+        as runs/<run>/<bench>.balance.json. kNN-MoE's logits are read after its mixing (`balance.py`)."""
+        from .balance import load_balance
+        from .families import find_routers
+
+        contexts = self.zero_shot(bench)["contexts"]
+        path = self.out / "runs" / run / f"{bench.name}.balance.json"
+        cached = json.loads(path.read_text()) if path.exists() else None
+        if cached is not None and cached["contexts"] == contexts and cached["config"] == (config or {}):
+            return np.array(cached["loss"])
+        lm = make_lm()
+        sequences = [lm.tok_encode(c)[-lm.max_length:] for c in contexts]
+        loss = load_balance(lm.model, find_routers(lm.model), sequences, getattr(lm, "retriever", None))
+        write_json_atomic(path, {"config": config or {}, "contexts": contexts, "loss": loss})
+        return np.array(loss)
+
     # -- methods -------------------------------------------------------------------------------------------------
     def zero_shot(self, bench: Benchmark) -> dict:
         return self.scores("zero-shot", bench, lambda: self.base)
@@ -262,6 +299,15 @@ class Runner:
         `selective_fraction` option of hf-knnmoe, which scores every context under the stock model first."""
         return self.knn(bench, "knn-selective", selective_fraction=self.s.selective_fraction)
 
+    def c3po(self, bench: Benchmark) -> dict:
+        """C3PO (the paper's Table 10): per-input NGD toward the successful references (`c3po.py`); its sentence
+        encoder is the 5-shot row's ($KNNMOE_FEWSHOT_ENCODER)."""
+        from .fewshot import ENCODER_ENV
+
+        references = self.c3po_references(bench)
+        return self.scores("c3po", bench, lambda: self.c3po_lm(references),
+                           config={"references": references.name, "encoder": os.environ.get(ENCODER_ENV)})
+
     def methods(self, bench: Benchmark) -> dict[str, dict]:
         """Table 1's rows for one benchmark, in the paper's order. A method that cannot run here (e.g. IVFPQ on a
         memory too small to train it) gets {"error": why}, which the table prints under itself."""
@@ -274,6 +320,7 @@ class Runner:
         methods["kNN-MoE (IVFPQ)"] = lambda: self.knn_ivfpq(bench)
         methods["kNN-MoE (Selective)"] = lambda: self.selective(bench)
         methods["kNN-MoE (grad=dense)"] = lambda: self.knn_dense(bench)
+        methods["C3PO"] = lambda: self.c3po(bench)
         rows = {}
         for name, run in methods.items():
             try:
@@ -285,9 +332,10 @@ class Runner:
                 rows[name] = {"error": str(e)}
         return rows
 
-    def sft(self, bench: Benchmark, method: str) -> dict:
-        adapter = self.adapter(bench, method)
-        return self.scores(f"sft-{method}", bench, lambda: self.peft_lm(adapter), config={"adapter": adapter.name})
+    def sft(self, bench: Benchmark, method: str, seed: int | None = None) -> dict:
+        adapter = self.adapter(bench, method, seed)
+        run = f"sft-{method}" if seed in (None, self.s.seed) else f"sft-{method}-seed{seed}"  # --seed: Table 1's run
+        return self.scores(run, bench, lambda: self.peft_lm(adapter), config={"adapter": adapter.name})
 
 
 def table(runner: Runner) -> dict:
@@ -342,6 +390,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__ and v is not None}
     values["benchmarks"] = tuple(args.benchmarks.split(","))
     values["metadata"] = json.loads(args.metadata) if args.metadata else {}
+    if args.seeds:
+        values["seeds"] = tuple(int(x) for x in args.seeds.split(","))
     return Settings(**values)
 
 
@@ -380,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen_kwargs", help="override generation settings of generative tasks, e.g. max_gen_toks=64")
     parser.add_argument("--judge", help="unlabelled ablation: knn-dense, or an lm-eval model spec MODEL:ARGS")
     parser.add_argument("--cache", help="where the toy model is cached")
+    parser.add_argument("--seeds", help="seeds ablation: comma-separated SFT training seeds (default 0,1,2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)

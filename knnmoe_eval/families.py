@@ -43,12 +43,26 @@ def topk_softmax(router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor,
     return F.softmax(top, dim=1, dtype=top.dtype), indices
 
 
+def switch_load_balance(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func` (Switch Transformer eq. 4-6, every family here), one sequence:
+    E * sum_e f_e P_e over the rows of every layer together, where f_e is the share of top-k slots (of the
+    softmax) that went to expert e and P_e the mean softmax probability of e. 1 per slot when balanced (= top_k).
+
+    logits: one (n_tokens, E) tensor per MoE layer, as its router returned them (after any hook)."""
+    z = torch.cat([l.float() for l in logits])  # (layers * n_tokens, E)
+    probs = F.softmax(z, dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices  # (rows, k)
+    f = torch.bincount(selected.reshape(-1), minlength=z.shape[-1]).float() / z.shape[0]  # (E,) summed over slots
+    return z.shape[-1] * (f * probs.mean(0)).sum()
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     router_class: str  # class name of the router module in transformers 5.x
     gate: Gate
     renormalizes: Callable[[nn.Module], bool]  # whether unselected experts get zero gradient under the paper's step
+    load_balance: Callable[[list[torch.Tensor], int], torch.Tensor] = switch_load_balance  # the family's aux loss
 
 
 FAMILIES: dict[str, Family] = {

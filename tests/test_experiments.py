@@ -14,7 +14,7 @@ from test_toy import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (IVFPQ)", "kNN-MoE (Selective)",
-               "kNN-MoE (grad=dense)"]
+               "kNN-MoE (grad=dense)", "C3PO"]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, 
     monkeypatch.setattr(ablations, "N_VALUES", (0, 32, 40))
     monkeypatch.setattr(ablations, "K_VALUES", (1, 2))
     monkeypatch.setattr(ablations, "STEP_VALUES", (1, 2))
-    runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense"))
+    runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", seeds=(0, 1)))
     markdown = ablations.run(runner, name)
     rows = json.loads((tmp_path / "ablations" / f"{name}.json").read_text())["rows"]
     assert (tmp_path / "ablations" / f"{name}.png").stat().st_size > 1000
@@ -91,7 +91,20 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, 
     if name == "ppl":
         assert [r["PPL bucket"] for r in rows] == ["High", "Mid", "Low"] and sum(r["items"] for r in rows) == 24
     if name == "latency":
-        assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq"}
+        assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq", "none (C3PO)"}
+    if name == "cost":
+        assert rows[-1]["method"] == "C3PO" and rows[-1]["build s"] > 0 and rows[-1]["eval s"] > 0
+    if name == "load_balance":
+        assert [r["method"] for r in rows] == ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE"]
+        assert all(0 < r["Avg."] < 8 for r in rows)  # the toy: 8 experts, top-2 (balanced: 2)
+        assert len({r["Avg."] for r in rows}) == 4  # each method routes differently
+    if name == "seeds":
+        assert [r["benchmark"] for r in rows] == ["toy_shift", "toy_indomain"]
+        table_run = runner.sft(runner_bench("toy_shift"), "lora")  # seed 0 is the table's run, reused
+        other = runner.sft(runner_bench("toy_shift"), "lora", seed=1)
+        scores = [sum(r["scores"]) / len(r["scores"]) for r in (table_run, other)]
+        assert rows[0]["LoRA SFT mean"] == pytest.approx(sum(scores) / 2)
+        assert rows[0]["LoRA SFT std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
     if name == "unlabelled":
         assert [r["labels"] for r in rows] == ["none (zero-shot)", "gold", "self", "judge"]
 
