@@ -61,6 +61,28 @@ def test_pathway_replaces_only_the_answer_positions(family):
     assert (moved[:, 5:] - stock[:, 5:]).abs().amax(-1).min() > 1e-3
 
 
+def test_generation_routes_the_prompts_last_token_and_every_generated_one():
+    """Cached generation with w on the last position of each forward (what `_model_generate` installs) scores
+    every step as a forward without cache that routes every position from the prompt's last token on with w."""
+    model = make_tiny_model("olmoe")
+    sites = find_routers(model)
+    prompt = torch.randint(4, 250, (1, 6), generator=torch.Generator().manual_seed(3))
+    w = {s.layer: torch.randn(8, generator=torch.Generator().manual_seed(s.layer)) * 5 for s in sites}
+
+    def generate(routing):
+        with torch.no_grad(), hooked_routers(sites, routing):
+            out = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+        return out.sequences, torch.cat(out.logits)  # (1, 10), (4, V)
+
+    ids, cached = generate(Pathway(w, batch=1, start=None))
+    _, stock = generate(lambda site, h, z: z)
+    with torch.no_grad(), hooked_routers(sites, Pathway(w, batch=1, start=prompt.shape[1] - 1)):
+        full = model(ids[:, :-1]).logits[0, prompt.shape[1] - 1 :]  # (4, V): the same four steps, no cache
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)  # a KV cache sums in another order
+    assert (cached - stock).abs().amax() > 1e-2
+
+
 @pytest.mark.e2e
 def test_c3po_through_lm_eval_on_the_toy(tmp_path, monkeypatch):
     """The runner's C3PO row end to end on the small toy; NGD lowers a test input's neighbours' loss."""
