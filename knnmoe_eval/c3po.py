@@ -22,6 +22,7 @@ own gating turns it into weights. The reference set is the same `_ref` task ever
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field, fields
@@ -153,6 +154,7 @@ class C3PO:
             self.pool = torch.as_tensor(encoder.fit([r.question for r in references]), dtype=torch.float32)  # (N, D)
         self.device = next(model.parameters()).device
         self.last_losses: list[float] = []  # L(w) before each step, for the latest input
+        self.totals = {"inputs": 0, "loss_first_step": 0.0, "loss_last_step": 0.0}  # over every adapted input
 
     def neighbours(self, question: str) -> tuple[list[int], torch.Tensor]:
         """The k successful references nearest to `question`, and their kernel weights (k,)."""
@@ -211,7 +213,18 @@ class C3PO:
                 for (layer, v), g in zip(w.items(), grads):
                     if g is not None:
                         v -= self.opts.lr * g * core[layer]
+        self.totals["inputs"] += 1
+        self.totals["loss_first_step"] += self.last_losses[0]
+        self.totals["loss_last_step"] += self.last_losses[-1]
         return {layer: v.detach() for layer, v in w.items()}
+
+    def diagnostics(self) -> dict:
+        """How many references were successful, and the neighbours' loss before the first and the last NGD step,
+        averaged over the adapted inputs."""
+        n = max(self.totals["inputs"], 1)
+        return {"successful_references": len(self.references), "inputs": self.totals["inputs"],
+                "mean_loss_first_step": self.totals["loss_first_step"] / n,
+                "mean_loss_last_step": self.totals["loss_last_step"] / n}
 
 
 # -- lm-eval glue --------------------------------------------------------------------------------------------------
@@ -241,8 +254,6 @@ class C3POLM(HFLM):
         return make_encoder(self.c3po.encoder)
 
     def _read_references(self) -> list[Reference]:
-        import json
-
         saved = json.loads(Path(self.c3po.references).read_text())
         refs = [r for r in saved["references"] if r["answered"]]
         log.info("C3PO: %d of %d references answered by the stock model", len(refs), len(saved["references"]))
@@ -321,4 +332,8 @@ class C3POLM(HFLM):
         return results
 
     def get_model_info(self) -> dict:
-        return {**super().get_model_info(), "c3po": {"options": vars(self.c3po).copy()}}
+        """lm-eval puts this into the results JSON's `config`: our options and, in eval mode, the diagnostics."""
+        info = {"options": vars(self.c3po).copy()}
+        if self.method is not None:
+            info["diagnostics"] = self.method.diagnostics()
+        return {**super().get_model_info(), "c3po": info}

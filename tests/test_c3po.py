@@ -106,6 +106,9 @@ def test_c3po_through_lm_eval_on_the_toy(tmp_path, monkeypatch):
     zero = runner.zero_shot(bench)
     assert c3po["doc_ids"] == zero["doc_ids"] and len(c3po["scores"]) == 6
     assert len(lm.method.last_losses) == 3
+    diag = lm.get_model_info()["c3po"]["diagnostics"]
+    assert diag["successful_references"] == 40 and diag["inputs"] == 6  # once per document, for all its choices
+    assert diag["mean_loss_last_step"] < diag["mean_loss_first_step"]
     context = zero["contexts"][0]
     tokens = lm.tok_encode(context)
     idx, weights = lm.method.neighbours(context)
