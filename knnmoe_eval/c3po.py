@@ -146,6 +146,8 @@ class C3PO:
     def __init__(self, model: torch.nn.Module, sites: list[RouterSite], references: list[Reference], encoder,
                  options: C3POOptions, pad_id: int):
         self.model, self.opts, self.pad_id = model, options, pad_id
+        for p in model.parameters():
+            p.requires_grad_(False)  # only w is differentiated
         self.critical = sites[-options.layers:]
         self.references, self.encoder = references, encoder
         if not references:  # C3PO's filter can leave nothing on a hard, small reference set: it then adapts nothing
