@@ -22,6 +22,8 @@ own gating turns it into weights. The reference set is the same `_ref` task ever
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 import time
@@ -42,6 +44,8 @@ from .hooks import hooked_routers
 from .memory import write_json_atomic
 
 log = logging.getLogger(__name__)
+
+_HF_ARGS = set(inspect.signature(HFLM.__init__).parameters)
 
 
 def _help(text: str, **kw) -> Any:
@@ -81,17 +85,24 @@ _OPTIONS = {f.name: f for f in fields(C3POOptions)}
 
 
 def split_options(kwargs: dict) -> tuple[C3POOptions, dict]:
-    """Our model_args (lm-eval has already turned "3" into 3) and the rest, for `hf`."""
+    """Our model_args (lm-eval has already turned "3" into 3) and the rest, for `hf`; a near-miss of one of ours
+    that `hf` does not take either is refused rather than handed to `from_pretrained`."""
     ours = {}
     for name, value in kwargs.items():
         if name not in _OPTIONS:
+            close = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.75)
+            if close and name not in _HF_ARGS:
+                raise KnnMoeError(f"unknown hf-c3po model_arg {name!r}; did you mean {close[0]!r}?")
             continue
         kind = _OPTIONS[name].type
         try:
-            ours[name] = int(value) if kind == "int" else float(value) if kind == "float" else (
-                None if value in (None, "", "None", "none") else str(value))
+            number = float(value) if kind in ("int", "float") else None
         except ValueError:
             raise KnnMoeError(f"hf-c3po model_arg {name}={value!r} is not a number") from None
+        if kind == "int" and not number.is_integer():
+            raise KnnMoeError(f"hf-c3po model_arg {name}={value!r} must be an integer")
+        ours[name] = (int(number) if kind == "int" else number if kind == "float"
+                      else None if value in (None, "", "None", "none") else str(value))
     return C3POOptions(**ours), {k: v for k, v in kwargs.items() if k not in _OPTIONS}
 
 

@@ -116,3 +116,17 @@ def test_c3po_through_lm_eval_on_the_toy(tmp_path, monkeypatch):
     w0, w = lm.method.initial_pathway(tokens), lm.method.adapt(context, tokens)
     with torch.no_grad():
         assert float(lm.method.loss(w, idx, weights)) < float(lm.method.loss(w0, idx, weights))
+
+
+@pytest.mark.parametrize("args,error", [
+    (dict(references="r.json", neighbors=3), "did you mean 'neighbours'"),
+    (dict(references="r.json", mode="build", steps=2.5), "must be an integer"),
+    (dict(references="missing.json"), "write it first with mode=build"),
+    (dict(references="r.json", mode="build", lr=0), "lr=0.0"),
+])
+def test_bad_options_are_refused_with_the_fix(args, error):
+    from knnmoe_eval import KnnMoeError
+    from knnmoe_eval.c3po import split_options
+
+    with pytest.raises(KnnMoeError, match=error):
+        split_options(args)
