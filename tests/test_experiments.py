@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (IVFPQ)", "kNN-MoE (Selective)",
-               "kNN-MoE (grad=dense)"]
+               "kNN-MoE (grad=dense)", "C3PO"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def shared_pieces(toy_dir, tmp_path_factory):
 def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces, tmp_path):
     shutil.copytree(shared_pieces, tmp_path, dirs_exist_ok=True)
     runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
-                                 step_values=(1, 2)))
+                                 step_values=(1, 2), seeds=(0, 1)))
     markdown = ablations.run(runner, name)
     rows = json.loads((tmp_path / "ablations" / f"{name}.json").read_text())["rows"]
     assert (tmp_path / "ablations" / f"{name}.png").stat().st_size > 1000
@@ -100,7 +100,20 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
     if name == "ppl":
         assert [r["PPL bucket"] for r in rows] == ["High", "Mid", "Low"] and sum(r["items"] for r in rows) == 24
     if name == "latency":
-        assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq"}
+        assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq", "none (C3PO)"}
+    if name == "cost":
+        assert rows[-1]["method"] == "C3PO" and rows[-1]["build s"] > 0 and rows[-1]["eval s"] > 0
+    if name == "load_balance":
+        assert [r["method"] for r in rows] == ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE"]
+        assert all(0 < r["Avg."] < 8 for r in rows)  # the toy: 8 experts, top-2 (balanced: 2)
+        assert len({r["Avg."] for r in rows}) == 4  # each method routes differently
+    if name == "seeds":
+        assert [r["benchmark"] for r in rows] == ["toy_shift", "toy_indomain"]
+        table_run = runner.sft(BENCHMARKS["toy_shift"], "lora")  # seed 0 is the table's run, reused
+        other = runner.sft(BENCHMARKS["toy_shift"], "lora", seed=1)
+        scores = [sum(r["scores"]) / len(r["scores"]) for r in (table_run, other)]
+        assert rows[0]["LoRA SFT mean"] == pytest.approx(sum(scores) / 2)
+        assert rows[0]["LoRA SFT std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
     if name == "unlabelled":
         assert [r["labels"] for r in rows] == ["none (zero-shot)", "gold", "self", "judge"]
 
@@ -119,3 +132,33 @@ def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):
     # 4 references give 8 keys per layer, too few to train IVFPQ: the row says so instead of failing the table
     assert set(result["errors"]) == {"kNN-MoE (IVFPQ) on gpqa", "kNN-MoE (IVFPQ) on medmcqa"}
     assert "index=exact" in (tmp_path / "out" / "table.md").read_text()
+
+
+@pytest.mark.e2e
+def test_selective_option_equals_the_stitched_runs(toy_dir, tmp_path):
+    """hf-knnmoe's selective options turn retrieval off per document: a skipped document's loglikelihoods are the
+    stock model's, every other document's kNN-MoE's (the result the runner used to stitch together from two
+    finished runs). Equal up to float32 rounding, which moves with the batch a request shares: lm-eval batches
+    the skipped and the retrieved requests apart (observed 1 ulp; 2e-6 is 4 float32 ulps of a loglikelihood near -5)."""
+    import numpy as np
+
+    from knnmoe_eval.harness.selective import lowest_fraction
+
+    runner = Runner(toy_settings(toy_dir, tmp_path))
+    bench = BENCHMARKS["toy_shift"]
+    memory, ppl = runner.memory(bench), runner.perplexity(bench)
+
+    def logliks(lm):
+        samples = runner._evaluate(lm, bench.test, runner.s.limit)["samples"][bench.test]
+        return np.array([[r[0][0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])])
+
+    zero, knn = logliks(runner.base), logliks(runner.knn_lm(memory, k=1))
+    assert (np.abs(zero - knn).max(axis=1) > 2e-5).all()  # retrieval moves every document well beyond rounding
+    for options, skip in (({"selective_fraction": 1 / 3}, lowest_fraction(ppl, 1 / 3)),
+                          ({"selective_ppl": float(np.median(ppl))}, ppl < np.median(ppl))):
+        lm = runner.knn_lm(memory, k=1, **options)
+        np.testing.assert_allclose(logliks(lm), np.where(skip[:, None], zero, knn), rtol=0, atol=2e-6)
+        assert lm.skipped == skip.sum() > 0
+    row = runner.selective(bench)  # the runner's Selective row runs the option
+    stitched = np.where(lowest_fraction(ppl, 1 / 3), runner.zero_shot(bench)["scores"], runner.knn(bench)["scores"])
+    assert row["scores"] == stitched.tolist() and row["selective_skipped"] == 4

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from knnmoe_eval.errors import KnnMoeError
-from knnmoe_eval.experiments.significance import lowest_fraction, paired_bootstrap, perplexity_buckets
+from knnmoe_eval.experiments.significance import paired_bootstrap, perplexity_buckets
+from knnmoe_eval.harness.selective import lowest_fraction
 
 
 def test_bootstrap_is_seeded_and_paired():

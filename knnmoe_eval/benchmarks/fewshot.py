@@ -40,7 +40,8 @@ class SentenceEncoder:
         return self.embed(texts)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True))
+        return np.asarray(self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                             show_progress_bar=False))
 
 
 class TfidfEncoder:

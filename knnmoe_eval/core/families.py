@@ -336,6 +336,19 @@ def no_args(block: nn.Module) -> tuple:
     return ()
 
 
+def switch_load_balance(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func` (Switch Transformer eq. 4-6, every family here), one sequence:
+    E * sum_e f_e P_e over the rows of every layer together, where f_e is the share of top-k slots (of the
+    softmax) that went to expert e and P_e the mean softmax probability of e. 1 per slot when balanced (= top_k).
+
+    logits: one (n_tokens, E) tensor per MoE layer, as its router returned them (after any hook)."""
+    z = torch.cat([l.float() for l in logits])  # (layers * n_tokens, E)
+    probs = F.softmax(z, dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices  # (rows, k)
+    f = torch.bincount(selected.reshape(-1), minlength=z.shape[-1]).float() / z.shape[0]  # (E,) summed over slots
+    return z.shape[-1] * (f * probs.mean(0)).sum()
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -348,6 +361,7 @@ class Family:
     args: Callable[[nn.Module], tuple] = no_args  # MoE block -> the extra arguments it passes its router
     top_k_on_block: bool = False  # top_k lives on the MoE block (gating there), not on the router
     dense_experts: Callable = fused_experts_dense  # (experts, h, p) -> experts' output with every expert at p
+    load_balance: Callable[[list[torch.Tensor], int], torch.Tensor] = switch_load_balance  # the aux loss
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [

@@ -35,6 +35,9 @@ class KnnMoeOptions:
     nprobe: int | None = _help("IVF lists searched per query; None/auto: the index's own (ivfpq 32 as the paper, ivfpq_rerank and factory strings 8)", default=None)
     verify: bool = _help("check every memory file's sha256 when loading", default=True)
     diagnostics: str | None = _help("also write per-layer lambda / top-k change statistics to this JSON file", default=None)
+    # Selective (paper Table 3): retrieval off where the stock model already finds the request's context likely
+    selective_ppl: float | None = _help("retrieval off for requests whose context the stock model gives a perplexity below this", default=None)
+    selective_fraction: float | None = _help("retrieval off for this fraction of each task's documents, those of lowest stock context perplexity (a first pass over the task's requests; per rank under data parallelism)", default=None)
     # building
     eta: float = _help("step size of the gradient step(s) on the router logits (the paper's value is lost from its text; 100 chosen on the toy, docs/paper-vs-package.md)", default=100.0)
     steps: int = _help("gradient steps T on the logit offsets (paper default 1)", default=1)
@@ -80,6 +83,12 @@ class KnnMoeOptions:
             bad("positions", "choose answer or all")
         if not (isinstance(self.shard_tokens, int) and self.shard_tokens >= 1):
             bad("shard_tokens", "must be an integer >= 1")
+        if self.selective_ppl is not None and not (math.isfinite(self.selective_ppl) and self.selective_ppl > 0):
+            bad("selective_ppl", "must be a positive perplexity")
+        if self.selective_fraction is not None and not 0 <= self.selective_fraction <= 1:
+            bad("selective_fraction", "must lie in [0, 1]")
+        if self.selective_ppl is not None and self.selective_fraction is not None:
+            bad("selective_fraction", "give selective_ppl (an absolute threshold) or selective_fraction, not both")
         if self.labels is not None and self.mode != "build":
             bad("labels", "labels are read by mode=build only; drop labels= to evaluate with a memory")
         if self.labels is not None and not os.path.isfile(self.labels):
@@ -96,14 +105,15 @@ def default(name: str) -> Any:
 
 def _coerce(name: str, value: Any) -> Any:
     """lm-eval parses model_args itself ("1" -> 1, "True" -> True); finish the job for our fields."""
-    if name in ("sigma", "max_distance", "diagnostics", "memory", "labels", "nprobe") and value in (None, "auto", "none", "None", ""):
+    if name in ("sigma", "max_distance", "diagnostics", "memory", "labels", "nprobe", "selective_ppl",
+                "selective_fraction") and value in (None, "auto", "none", "None", ""):
         return None
     if name in ("k", "steps", "nprobe", "shard_tokens"):
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
-    if name in ("sigma", "max_distance", "eta") and isinstance(value, (int, float, str)):
+    if name in ("sigma", "max_distance", "eta", "selective_ppl", "selective_fraction") and isinstance(value, (int, float, str)):
         try:
             return float(value)
         except ValueError:

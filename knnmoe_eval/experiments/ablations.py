@@ -4,7 +4,9 @@ n: reference-set size N (N = 0 is zero-shot) · k: neighbours, with the top-1 ne
 mass · steps: gradient steps T · similarity: rbf, rbf on L2-normed vectors, cosine · ppl: gain per zero-shot
 perplexity bucket, and Selective · cost: build time of kNN-MoE against LoRA and router-only SFT, and evaluation
 time · latency: evaluation time and peak memory against N for the exact and IVFPQ indexes · unlabelled: memories
-built from self- or judge-labelled references against gold labels (beyond the paper).
+built from self- or judge-labelled references against gold labels (beyond the paper) · load_balance: the family's
+load-balancing loss on the test prompts per method (Table 11) · seeds: mean and std of the SFT baselines over
+training seeds (Appendix D).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def _cost(runner, benches):
         ("LoRA SFT", lambda b: _train_s(runner.adapter(b, "lora")), None),
         ("Router-only SFT", lambda b: _train_s(runner.adapter(b, "router")), None),
         ("Zero-shot", lambda b: 0.0, lambda b: runner.zero_shot(b)),
+        ("C3PO", lambda b: _build_s(runner.c3po_references(b).with_suffix("")), runner.c3po),  # its stock pass
     ):
         builds = [build(b) for b in benches]
         try:
@@ -137,6 +140,10 @@ def _latency(runner, benches):
                 rows.append({**row, "eval s": s, "× zero-shot": s / zero_s, "peak MiB": mem})
             except KnnMoeError as e:  # e.g. IVFPQ on a memory too small to train
                 rows.append({**row, "eval s": None, "× zero-shot": None, "peak MiB": None, "note": str(e)})
+    # C3PO (Table 10) on the same footing: its per-input NGD is the price it pays at test time
+    s, mem = _timed(runner, benches, lambda b: runner.c3po_lm(runner.c3po_references(b)))
+    rows.append({"N": runner.settings.ref_limit, "index": "none (C3PO)", "eval s": s, "× zero-shot": s / zero_s,
+                 "peak MiB": mem})
     return rows, "N", "× zero-shot", "latency"
 
 
@@ -200,9 +207,45 @@ def _unlabelled(runner, benches):
     return rows, "labels", "Avg.", "bar"
 
 
+def _load_balance(runner, benches):
+    """Mean load-balancing loss over the test prompts per method (Table 11), per benchmark and over all items."""
+    methods = {
+        "Zero-shot": lambda b: runner.load_balance("zero-shot", b, lambda: runner.base),
+        "LoRA SFT": lambda b: _sft_balance(runner, b, "lora"),
+        "Router-only SFT": lambda b: _sft_balance(runner, b, "router"),
+        "kNN-MoE": lambda b: runner.load_balance("knn", b, lambda: runner.knn_lm(runner.memory(b), k=runner.settings.k),
+                                                 config={"memory": runner.memory(b).name, "k": runner.settings.k}),
+    }
+    rows = []
+    for method, measure in methods.items():
+        losses = {b.name: measure(b) for b in benches}
+        rows.append({"method": method, **{b: float(v.mean()) for b, v in losses.items()},
+                     "Avg.": float(np.concatenate(list(losses.values())).mean())})
+    return rows, "method", "Avg.", "bar"
+
+
+def _sft_balance(runner, bench, method: str) -> np.ndarray:
+    adapter = runner.adapter(bench, method)
+    return runner.load_balance(f"sft-{method}", bench, lambda: runner.peft_lm(adapter), config={"adapter": adapter.name})
+
+
+def _seeds(runner, benches):
+    """Accuracy of LoRA and router-only SFT over training seeds (Appendix D): mean and sample std per benchmark.
+    The run with --seed is Table 1's; every finished run is reused."""
+    rows = []
+    for b in benches:
+        row = {"benchmark": b.name, "seeds": len(runner.settings.seeds)}
+        for label, method in (("LoRA SFT", "lora"), ("Router-only SFT", "router")):
+            acc = np.array([np.mean(runner.sft(b, method, seed)["scores"]) for seed in runner.settings.seeds])
+            row[f"{label} mean"] = float(acc.mean())
+            row[f"{label} std"] = float(acc.std(ddof=1)) if acc.size > 1 else None
+        rows.append(row)
+    return rows, "benchmark", "LoRA SFT mean", "bar"
+
+
 # name -> (runner, benchmarks) -> (rows, x column, y column, plot kind), in the order `ablate` runs them
 ABLATIONS = {"n": _n, "k": _k, "steps": _steps, "similarity": _similarity, "ppl": _ppl, "cost": _cost,
-             "latency": _latency, "unlabelled": _unlabelled}
+             "latency": _latency, "unlabelled": _unlabelled, "load_balance": _load_balance, "seeds": _seeds}
 
 
 def _markdown(rows: list[dict]) -> str:

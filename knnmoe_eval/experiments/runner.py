@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..benchmarks.data import SPLITS
 from ..core.files import write_json_atomic
 from ..core.options import default
 from ..errors import KnnMoeError
-from .significance import lowest_fraction, paired_bootstrap
+from .significance import paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Settings:
     gen_kwargs: str | None = _opt(None, "override the generative tasks' generation settings, e.g. max_gen_toks=64")
     judge: str | None = _opt(None, "unlabelled ablation's labeller: knn-dense, or an lm-eval model spec MODEL:ARGS")
     cache: str = _opt(".cache", "where the toy model is cached")
+    seeds: tuple[int, ...] = _opt((0, 1, 2), "seeds ablation: SFT training seeds (paper Appendix D)")
     # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md)
     n_values: tuple[int | None, ...] = _opt((0, 1_000, 10_000, None), "N ablation grid; 'all' = the whole reference set")
     k_values: tuple[int, ...] = _opt((1, 2, 4, 8), "k ablation grid")
@@ -175,6 +177,13 @@ class Runner:
         return HFLM(pretrained=self.pretrained, peft=str(adapter), device=self.settings.device, dtype=self.settings.dtype,
                     batch_size=self.settings.batch_size, parallelize=self.settings.parallelize)
 
+    def c3po_lm(self, references: Path, **options):
+        from .c3po import C3POLM
+
+        return C3POLM(pretrained=self.pretrained, device=self.settings.device, dtype=self.settings.dtype,
+                      batch_size=self.settings.batch_size, parallelize=self.settings.parallelize, references=str(references),
+                      **options)
+
     def judge_lm(self, bench: Benchmark):
         """The judge that labels references in the unlabelled ablation: `knn-dense` is this model with its
         gold-built dense-gradient memory; anything else is an lm-eval model spec `MODEL:ARGS`."""
@@ -212,17 +221,28 @@ class Runner:
                               {"wall_s": time.perf_counter() - start, "references": n, **build})
         return path
 
-    def adapter(self, bench: Benchmark, method: str) -> Path:
-        """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`)."""
+    def c3po_references(self, bench: Benchmark) -> Path:
+        """Which of `bench`'s first N references the stock model answers (C3PO's successful neighbours)."""
+        path = self.out / "c3po" / f"{bench.name}-n{self.settings.ref_limit or 'all'}.json"
+        if not path.exists():
+            lm = self.c3po_lm(path, mode="build")
+            start = time.perf_counter()
+            self._evaluate(lm, bench.ref, limit=self.settings.ref_limit)
+            write_json_atomic(path.with_suffix(".build.json"), {"wall_s": time.perf_counter() - start,
+                                                                "references": self.settings.ref_limit})
+        return path
+
+    def adapter(self, bench: Benchmark, method: str, seed: int | None = None) -> Path:
+        """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`), by default with --seed."""
         from .sft import train_sft
 
         lr = self.settings.lora_lr if method == "lora" else self.settings.router_lr
         rank = f"-r{self.settings.lora_r}" if method == "lora" else ""
         chat = "-chat" if self.settings.apply_chat_template else ""
         path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.settings.ref_limit or 'all'}-lr{lr or 'default'}"
-                                        f"-e{self.settings.sft_epochs}-b{self.settings.sft_batch_size}{rank}{chat}-s{self.settings.seed}")
+                                        f"-e{self.settings.sft_epochs}-b{self.settings.sft_batch_size}{rank}{chat}-s{seed}")
         train_sft(self.pretrained, [bench.ref], path, method, include_path=self.settings.include_path,
-                  metadata=self.metadata, limit=self.settings.ref_limit, seed=self.settings.seed, epochs=self.settings.sft_epochs,
+                  metadata=self.metadata, limit=self.settings.ref_limit, seed=seed, epochs=self.settings.sft_epochs,
                   lr=lr, batch_size=self.settings.sft_batch_size, lora_r=self.settings.lora_r, prompt=self.prompt_format,
                   device=self.settings.device, dtype="float32" if self.settings.dtype == "auto" else self.settings.dtype, progress=True)
         return path
@@ -251,6 +271,7 @@ class Runner:
             "contexts": [s["arguments"][0][0] for s in samples],
             "wall_s": wall,
             "diagnostics": result["config"].get("knnmoe", {}).get("diagnostics"),
+            "selective_skipped": result["config"].get("knnmoe", {}).get("selective_skipped"),
         }
         write_json_atomic(path, record)
         return record
@@ -262,14 +283,28 @@ class Runner:
         cached = json.loads(path.read_text()) if path.exists() else None
         if cached is not None and cached["doc_ids"] == zero["doc_ids"]:
             return np.array(cached["ppl"])
-        from lm_eval.api.instance import Instance
+        from ..harness.selective import context_perplexity
 
-        requests = [Instance("loglikelihood_rolling", doc={}, arguments=(c,), idx=0) for c in zero["contexts"]]
-        logliks = self.base.loglikelihood_rolling(requests, disable_tqdm=True)
-        tokens = [max(1, len(self.base.tok_encode(c))) for c in zero["contexts"]]
-        ppl = [float(np.exp(-ll / n)) for ll, n in zip(logliks, tokens)]
+        ppl = [float(p) for p in context_perplexity(self.base, zero["contexts"])]
         write_json_atomic(path, {"doc_ids": zero["doc_ids"], "ppl": ppl})
         return np.array(ppl)
+
+    def load_balance(self, run: str, bench: Benchmark, make_lm, config: dict | None = None) -> np.ndarray:
+        """The family's load-balancing loss of each test item's prompt under a method's routing (Table 11), cached
+        as runs/<run>/<bench>.balance.json. kNN-MoE's logits are read after its mixing (`balance.py`)."""
+        from ..core.families import find_routers
+        from .balance import load_balance
+
+        contexts = self.zero_shot(bench)["contexts"]
+        path = self.out / "runs" / run / f"{bench.name}.balance.json"
+        cached = json.loads(path.read_text()) if path.exists() else None
+        if cached is not None and cached["contexts"] == contexts and cached["config"] == (config or {}):
+            return np.array(cached["loss"])
+        lm = make_lm()
+        sequences = [lm.tok_encode(c)[-lm.max_length:] for c in contexts]
+        loss = load_balance(lm.model, find_routers(lm.model), sequences, getattr(lm, "retriever", None))
+        write_json_atomic(path, {"config": config or {}, "contexts": contexts, "loss": loss})
+        return np.array(loss)
 
     # -- methods -------------------------------------------------------------------------------------------------
     def zero_shot(self, bench: Benchmark) -> dict:
@@ -291,15 +326,18 @@ class Runner:
         return self.knn(bench, "knn-dense", build=DENSE)
 
     def selective(self, bench: Benchmark) -> dict:
-        """kNN-MoE with retrieval skipped on the lowest-perplexity third of the test items (paper Table 3).
+        """kNN-MoE with retrieval off for the lowest-perplexity third of the test items (paper Table 3): the
+        `selective_fraction` option of hf-knnmoe, which scores every context under the stock model first."""
+        return self.knn(bench, "knn-selective", selective_fraction=self.settings.selective_fraction)
 
-        Retrieval acts on each item alone, so skipping it for an item gives exactly that item's zero-shot score:
-        the two finished runs are combined item by item instead of running a third pass.
-        """
-        zero, knn = self.zero_shot(bench), self.knn(bench)
-        skip = lowest_fraction(self.perplexity(bench), self.settings.selective_fraction)
-        scores = np.where(skip, zero["scores"], knn["scores"])
-        return {**knn, "scores": [float(x) for x in scores], "skipped": int(skip.sum())}
+    def c3po(self, bench: Benchmark) -> dict:
+        """C3PO (the paper's Table 10): per-input NGD toward the successful references (`c3po.py`); its sentence
+        encoder is the 5-shot row's ($KNNMOE_FEWSHOT_ENCODER)."""
+        from ..benchmarks.fewshot import ENCODER_ENV
+
+        references = self.c3po_references(bench)
+        return self.scores("c3po", bench, lambda: self.c3po_lm(references),
+                           config={"references": references.name, "encoder": os.environ.get(ENCODER_ENV)})
 
     def methods(self, bench: Benchmark) -> dict[str, dict]:
         """Table 1's rows for one benchmark, in the paper's order. A method that cannot run here (e.g. IVFPQ on a
@@ -313,6 +351,7 @@ class Runner:
         methods["kNN-MoE (IVFPQ)"] = lambda: self.knn_ivfpq(bench)
         methods["kNN-MoE (Selective)"] = lambda: self.selective(bench)
         methods["kNN-MoE (grad=dense)"] = lambda: self.knn_dense(bench)
+        methods["C3PO"] = lambda: self.c3po(bench)
         rows = {}
         for name, run in methods.items():
             try:
@@ -334,9 +373,10 @@ class Runner:
             write_json_atomic(self.out / "runs" / "5-shot" / f"{bench.name}.json", record)
         return record
 
-    def sft(self, bench: Benchmark, method: str) -> dict:
-        adapter = self.adapter(bench, method)
-        return self.scores(f"sft-{method}", bench, lambda: self.peft_lm(adapter), config={"adapter": adapter.name})
+    def sft(self, bench: Benchmark, method: str, seed: int | None = None) -> dict:
+        adapter = self.adapter(bench, method, seed)
+        run = f"sft-{method}" if seed in (None, self.settings.seed) else f"sft-{method}-seed{seed}"  # --seed: Table 1's
+        return self.scores(run, bench, lambda: self.peft_lm(adapter), config={"adapter": adapter.name})
 
 
 def table(runner: Runner) -> dict:

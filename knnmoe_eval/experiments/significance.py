@@ -38,11 +38,3 @@ def perplexity_buckets(ppl: np.ndarray) -> np.ndarray:
     for bucket, chunk in zip(BUCKETS, np.array_split(order, 3)):
         names[chunk] = bucket
     return names
-
-
-def lowest_fraction(ppl: np.ndarray, fraction: float) -> np.ndarray:
-    """Mask of the `fraction` of items with the lowest perplexity (Selective skips retrieval for them)."""
-    ppl = np.asarray(ppl, dtype=np.float64)
-    mask = np.zeros(ppl.size, dtype=bool)
-    mask[np.argsort(ppl, kind="stable")[: int(round(fraction * ppl.size))]] = True
-    return mask

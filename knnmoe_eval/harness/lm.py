@@ -3,7 +3,8 @@
 Everything `hf` does (tokenization, batching, chat templates, data parallelism) is inherited untouched; the
 routers are hooked only inside `_model_call` and `_model_generate`. In `mode=build` the model instead
 teacher-forces the build task's gold answers (or, with `labels=FILE`, pseudo-labels: `labels.py`) and writes a
-memory (see `build.py`).
+memory (see `build.py`). With `selective_ppl=` or `selective_fraction=` (the paper's Selective variant) a first
+pass scores every request's context under the stock model and retrieval stays off for the confident ones.
 
     lm_eval --model hf-knnmoe --model_args pretrained=M,memory=memories/X --tasks medmcqa
     lm_eval --model hf-knnmoe --model_args pretrained=M,mode=build,memory=memories/X --tasks knnmoe_medmcqa_ref
@@ -30,6 +31,7 @@ from ..core.retrieval import Retriever
 from ..core.signature import model_signature
 from ..errors import KnnMoeError
 from .requests import reference_sequences
+from .selective import run_selective
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class KnnMoeLM(HFLM):
         else:
             memory = load_memory(self.knn.memory, self.knn.verify)
             self.retriever = Retriever(self.model, memory, self.knn, sites=self.sites)
+        self._retrieve = True  # Selective turns retrieval off for the requests it skips
+        self.skipped: int | None = None  # documents Selective ran without retrieval
 
     def _init_distributed_cpu(self) -> None:
         """`hf` wires data parallelism for accelerators only; a CPU `accelerate launch` build splits requests too."""
@@ -64,9 +68,20 @@ class KnnMoeLM(HFLM):
                 "mode=build only teacher-forces loglikelihood build tasks (output_type loglikelihood, or "
                 "multiple_choice emitting only the gold answer); evaluate with mode=eval"
             )
+        if not self._retrieve:  # a request Selective skips: the stock model
+            yield
+            return
         mask = None if attention_mask is None else attention_mask.reshape(-1).bool()  # padding is never searched
         with hooked_routers(self.sites, partial(self.retriever, token_mask=mask)):
             yield
+
+    @contextmanager
+    def retrieval_off(self) -> Iterator[None]:
+        self._retrieve = False
+        try:
+            yield
+        finally:
+            self._retrieve = True
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         with self._routing():
@@ -78,12 +93,22 @@ class KnnMoeLM(HFLM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         if self.knn.mode != "build":
-            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            return self._selective(super().loglikelihood, requests, disable_tqdm)
         # build mode: the requests are the reference set; their results are the stock loglikelihoods
         sequences = reference_sequences(self, requests, self.knn.labels)
         results = self.builder.build(sequences, self.tokenizer.pad_token_id or 0, self._build_batch_size(),
                                      barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None)
         return [results[(r.task_name, r.doc_id, r.idx)] for r in requests]
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._selective(super().generate_until, requests, disable_tqdm)
+
+    def _selective(self, run, requests, disable_tqdm: bool) -> list:
+        if self.knn.selective_ppl is None and self.knn.selective_fraction is None:
+            return run(requests, disable_tqdm=disable_tqdm)
+        results, skipped = run_selective(self, run, requests, disable_tqdm)
+        self.skipped = (self.skipped or 0) + skipped
+        return results
 
     def _build_batch_size(self) -> int:
         if isinstance(self.batch_size, int):
@@ -98,4 +123,7 @@ class KnnMoeLM(HFLM):
         info = {**super().get_model_info(), "knnmoe": {"options": vars(self.knn).copy()}}
         if self.retriever is not None:  # lm-eval asks for this once, after the last request: the run's report
             info["knnmoe"]["diagnostics"] = self.retriever.report()
+        if self.skipped is not None:
+            info["knnmoe"]["selective_skipped"] = self.skipped
         return info
+

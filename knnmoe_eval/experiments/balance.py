@@ -1,0 +1,50 @@
+"""Load balance under any routing (the paper's Table 11): the family's own auxiliary loss on each test prompt.
+
+The paper compares the average load-balancing loss over the test set of zero-shot, SFT, router-only SFT and
+kNN-MoE, to show that SFT did not collapse the routing. Here every test prompt runs alone (no padding enters the
+statistic) under the method's routing, the routers' logits are read where the hooks see them (after kNN-MoE's
+mixing when there is a retriever), and the family's aux loss (`Family.load_balance`, transformers'
+`load_balancing_loss_func`) is taken per prompt over all MoE layers, as the model computes it for a batch of one.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..core.families import RouterSite
+from ..core.hooks import Transform, hooked_routers
+
+
+class RoutedLogits:
+    """Hook transform that keeps every router's output logits, after an optional inner transform (retrieval)."""
+
+    def __init__(self, inner: Transform | None = None):
+        self.inner = inner
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor):
+        out = z if self.inner is None else self.inner(site, h, z)
+        self.logits[site.layer] = (out[0] if isinstance(out, tuple) else out).detach()
+        return out
+
+
+@torch.no_grad()
+def load_balance(model: torch.nn.Module, sites: Sequence[RouterSite], sequences: list[list[int]],
+                 inner: Transform | None = None) -> list[float]:
+    """The family's load-balancing loss of each token sequence, run alone under `inner`'s routing (stock if None).
+
+    `sites` may name a router twice (peft's modules_to_save keeps the original beside the trained copy); only the
+    one the model calls records, so no hook is required to fire."""
+    recorder = RoutedLogits(inner)
+    device = next(model.parameters()).device
+    family, top_k = sites[0].family, sites[0].top_k
+    losses = []
+    with hooked_routers(sites, recorder, check_fired=False):
+        for tokens in tqdm(sequences, desc="load balance", unit="seq"):
+            recorder.logits = {}
+            model(torch.tensor([tokens], device=device))
+            losses.append(float(family.load_balance([recorder.logits[l] for l in sorted(recorder.logits)], top_k)))
+    return losses
