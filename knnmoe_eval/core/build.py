@@ -242,6 +242,20 @@ class MemoryBuilder:
         return self.out
 
 
+def pad_batch(seqs: list[RefSequence], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Right-padded (b, T) inputs, attention mask, targets and the answer positions of reference sequences."""
+    width = max(len(s.tokens) for s in seqs)
+    inputs = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    targets = torch.zeros(len(seqs), width, dtype=torch.long)
+    scored = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        n = len(s.tokens)
+        inputs[i, :n], targets[i, :n], mask[i, :n] = torch.tensor(s.tokens), torch.tensor(s.targets), 1
+        scored[i, n - s.n_cont : n] = True
+    return inputs.to(device), mask.to(device), targets.to(device), scored.to(device)
+
+
 def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: list[int], max_length: int) -> RefSequence:
     """The same truncation as lm-eval's `hf` loglikelihood: keep the last max_length + 1 tokens."""
     if not continuation_enc:

@@ -37,7 +37,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ..core.build import RefSequence
+from ..core.build import RefSequence, pad_batch
 from ..core.families import RouterSite, find_routers
 from ..core.files import write_json_atomic
 from ..core.hooks import hooked_routers
@@ -192,16 +192,7 @@ class C3PO:
     def loss(self, w: dict[int, torch.Tensor], idx: list[int], weights: torch.Tensor) -> torch.Tensor:
         """L(w): the kernel-weighted mean NLL of the neighbours' gold answers, routed with w."""
         seqs = [self.references[i].sequence for i in idx]
-        width = max(len(s.tokens) for s in seqs)
-        inputs = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        targets = torch.zeros(len(seqs), width, dtype=torch.long)
-        scored = torch.zeros(len(seqs), width, dtype=torch.bool)  # positions predicting the answer
-        for i, s in enumerate(seqs):
-            n = len(s.tokens)
-            inputs[i, :n], targets[i, :n], mask[i, :n] = torch.tensor(s.tokens), torch.tensor(s.targets), 1
-            scored[i, n - s.n_cont : n] = True
-        inputs, mask, targets, scored = (t.to(self.device) for t in (inputs, mask, targets, scored))
+        inputs, mask, targets, scored = pad_batch(seqs, self.pad_id, self.device)  # scored: the answer positions
         with hooked_routers(self.critical, Pathway(w, rows=scored.reshape(-1))):
             logits = self.model(input_ids=inputs, attention_mask=mask).logits.float()  # (k, T, V)
         logp = F.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (k, T)

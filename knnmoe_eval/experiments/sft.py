@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..core.build import RefSequence
+from ..core.build import RefSequence, pad_batch
 from ..core.families import find_routers
 from ..core.files import atomic_path, save_tensors_atomic, write_json_atomic
 from ..errors import KnnMoeError
@@ -155,22 +155,9 @@ def peft_config(model, method: str, lora_r: int):
     return LoraConfig(target_modules=DUMMY_TARGET_MODULES, modules_to_save=[s.name for s in find_routers(model)])
 
 
-def _batch(seqs: list[RefSequence], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    width = max(len(s.tokens) for s in seqs)
-    inputs = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    targets = torch.zeros(len(seqs), width, dtype=torch.long)
-    scored = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        n = len(s.tokens)
-        inputs[i, :n], targets[i, :n], mask[i, :n] = torch.tensor(s.tokens), torch.tensor(s.targets), 1
-        scored[i, n - s.n_cont : n] = True
-    return inputs.to(device), mask.to(device), targets.to(device), scored.to(device)
-
-
 def answer_nll(model, seqs: list[RefSequence], pad_id: int, aux: bool = False):
     """Summed NLL of the answer tokens of `seqs` (one batch), their number, and the load-balancing loss if `aux`."""
-    inputs, mask, targets, scored = _batch(seqs, pad_id, next(model.parameters()).device)
+    inputs, mask, targets, scored = pad_batch(seqs, pad_id, next(model.parameters()).device)
     out = model(input_ids=inputs, attention_mask=mask, output_router_logits=aux)
     nll = F.cross_entropy(out.logits[scored].float(), targets[scored], reduction="sum")  # logits (b, T, V)
     return nll, int(scored.sum()), out.aux_loss if aux else None
