@@ -236,6 +236,7 @@ class Runner:
         """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`), by default with --seed."""
         from .sft import train_sft
 
+        seed = self.settings.seed if seed is None else seed
         lr = self.settings.lora_lr if method == "lora" else self.settings.router_lr
         rank = f"-r{self.settings.lora_r}" if method == "lora" else ""
         chat = "-chat" if self.settings.apply_chat_template else ""
