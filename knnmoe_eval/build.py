@@ -28,7 +28,8 @@ from tqdm import tqdm
 from .errors import KnnMoeError
 from .families import RouterSite
 from .gradient import optimise_logits
-from .memory import MANIFEST, ROWS, save_tensors_atomic, write_json_atomic, write_memory_streamed
+from .hooks import hooked_routers
+from .memory import MANIFEST, ROWS, RadiusSpec, save_tensors_atomic, write_json_atomic, write_memory_streamed
 from .options import KnnMoeOptions
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class MemoryBuilder:
         self.rank, self.world_size = rank, world_size
         self.out = Path(options.memory)
         self.shard_dir = self.out / "shards"
+        self.far: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
         self._check_out_dir()
 
     # -- resumable state -------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ class MemoryBuilder:
         o = self.opts
         result = optimise_logits(self.model, self.sites, inputs.to(device), targets.to(device), kept.to(device),
                                  answer.to(device), eta=o.eta, steps=o.steps, loss=o.loss, grad=o.grad,
-                                 optimizer=o.optimizer)
+                                 optimizer=o.optimizer, free=o.free, keys=o.keys)
         flat_kept = kept.reshape(-1).to(device)
         for site in self.sites:
             # fp16 as stored: half the shard's RAM, and the same numbers (any float -> fp16 rounds once)
@@ -184,6 +186,36 @@ class MemoryBuilder:
         results.update(zip(shard.rids, shard.loglik))
         return results
 
+    @torch.no_grad()
+    def read_calibration(self, token_lists: list[list[int]], pad_id: int, batch_size: int, cap: int = 20_000) -> None:
+        """Router inputs (stock routing) at every position of the not-this-domain calibration text, up to `cap`
+        tokens per layer: what each layer's radius must stay clear of (`memory.RadiusSpec`)."""
+        device = next(self.model.parameters()).device
+        far: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
+        held = 0
+        for b in tqdm(range(0, len(token_lists), batch_size), desc="kNN-MoE calibration text", unit="batch"):
+            batch = token_lists[b : b + batch_size]
+            width = max(len(t) for t in batch)
+            inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            real = torch.zeros(len(batch), width, dtype=torch.bool)
+            for i, t in enumerate(batch):
+                inputs[i, : len(t)], real[i, : len(t)] = torch.tensor(t), True
+            seen: dict[int, torch.Tensor] = {}
+
+            def record(site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+                seen[site.layer] = h
+                return z
+
+            with hooked_routers(self.sites, record):
+                self.model(inputs.to(device))
+            rows = real.reshape(-1).to(device)
+            for layer, h in seen.items():
+                far[layer].append(h[rows].to("cpu", torch.float16))
+            held += int(real.sum())
+            if held >= cap:
+                break
+        self.far = {layer: torch.cat(hs)[:cap] for layer, hs in far.items()}
+
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
         where: dict[RequestId, tuple[Path, int, int]] = {}  # request -> (shard, first row, rows)
@@ -216,8 +248,11 @@ class MemoryBuilder:
                 if keys:
                     yield torch.cat(keys), torch.cat(values)
 
+            o = self.opts
+            radius = None if o.radius_quantile is None else RadiusSpec(o.radius_quantile, o.radius_scale, self.far,
+                                                                        o.calibration_quantile)
             write_memory_streamed(self.out, {s.layer: (n, rows(s.layer)) for s in self.sites}, self.signature,
-                                  build=settings)
+                                  build=settings, radius=radius)
         for path in self._finished_shards():
             path.unlink()
         self.shard_dir.rmdir()
@@ -254,3 +289,21 @@ def refuse_several_answers(rids: list[RequestId], purpose: str) -> None:
             f"task(s) {multi} emit several answer choices per document; {purpose} must teacher-force only the gold "
             "answer (use a knnmoe_*_ref task, or see README 'Turning a task into a build task')"
         )
+
+
+def read_texts(path: str) -> list[str]:
+    """The calibration texts: one per line, or JSONL records with a "text" field (e.g. a toy's train split)."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                record = json.loads(line)
+                if "text" not in record:
+                    raise KnnMoeError(f"{path}:{n}: a JSONL calibration record needs a 'text' field")
+                line = record["text"]
+            texts.append(line.rstrip("\n"))
+    if not texts:
+        raise KnnMoeError(f"calibration file {path} holds no text")
+    return texts

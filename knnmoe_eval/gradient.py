@@ -107,6 +107,27 @@ def target_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
     return logp, logits.argmax(-1) == tgt, cols
 
 
+class _Replay:
+    """Hook transform: the optimised logits at the stored positions, the live logits elsewhere; records h."""
+
+    def __init__(self, leaves: LeafLogits, rows: torch.Tensor):
+        self.leaves, self.rows, self.keys = leaves, rows, {}
+
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        self.keys[site.layer] = h.detach()
+        return torch.where(self.rows.unsqueeze(-1), self.leaves.z_star(site.layer).to(z.dtype), z)
+
+
+@torch.no_grad()
+def _keys_under(model, sites, inputs, leaves: LeafLogits, rows: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Router inputs when the stored positions route by their values, as they will once retrieved: a later
+    layer's key then reflects the earlier layers' new routing instead of the stock one."""
+    replay = _Replay(leaves, rows)
+    with hooked_routers(sites, replay):
+        model(inputs)
+    return replay.keys
+
+
 @dataclass
 class StepResult:
     keys: dict[int, torch.Tensor]  # layer -> (b*T, d) router inputs under stock routing
@@ -118,12 +139,14 @@ class StepResult:
 
 def optimise_logits(model: torch.nn.Module, sites: Sequence[RouterSite], inputs: torch.Tensor, targets: torch.Tensor,
                     scored: torch.Tensor, answer: torch.Tensor, *, eta: float, steps: int = 1, loss: str = "sum",
-                    grad: str = "paper", optimizer: str = "sgd") -> StepResult:
+                    grad: str = "paper", optimizer: str = "sgd", free: str = "all", keys: str = "stock") -> StepResult:
     """T steps on the router logits of one batch (see the module docstring).
 
     inputs, targets: (b, T) token ids; scored: (b, T) bool, the positions whose next-token NLL is the loss;
     answer: (b, T) bool, the request's continuation (for the loglikelihood lm-eval gets back), a subset of scored.
+    free=kept: only the scored positions' logits move; keys=mixed: keys re-read under the optimised routing.
     """
+    movable = scored.reshape(-1, 1).float() if free == "kept" else None  # (b*T, 1)
     transform = LeafLogits(dense=grad == "dense")
     leaves, opt, losses = None, None, []
     answer_logprob = answer_greedy = None
@@ -148,14 +171,19 @@ def optimise_logits(model: torch.nn.Module, sites: Sequence[RouterSite], inputs:
             for leaf, g in zip(leaves, grads):
                 if g is None:
                     continue  # a layer that cannot influence the loss
+                if movable is not None:
+                    g = g * movable
                 if opt is None:
                     leaf -= eta * g
                 else:
                     leaf.grad = g
             if opt is not None:
                 opt.step()
+    stored_keys = {s.layer: transform.keys[s.layer] for s in sites}
+    if keys == "mixed":
+        stored_keys = _keys_under(model, sites, inputs, transform, scored.reshape(-1))
     return StepResult(
-        keys={s.layer: transform.keys[s.layer] for s in sites},
+        keys=stored_keys,
         values={s.layer: transform.z_star(s.layer) for s in sites},
         losses=losses, answer_logprob=answer_logprob, answer_greedy=answer_greedy,
     )

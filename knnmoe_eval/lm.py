@@ -23,7 +23,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .build import MemoryBuilder, encode_request, refuse_several_answers
+from .build import MemoryBuilder, encode_request, read_texts, refuse_several_answers
 from .errors import KnnMoeError
 from .families import find_routers
 from .hooks import hooked_routers
@@ -103,6 +103,10 @@ class KnnMoeLM(HFLM):
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
         if self.rank == 0:
+            if self.knn.calibration:
+                texts = read_texts(self.knn.calibration)
+                self.builder.read_calibration([self.tok_encode(t)[-self.max_length:] for t in texts],
+                                              self.tokenizer.pad_token_id or 0, batch)
             self.builder.finalize()
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,16 +93,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
-    """Mean squared distance from a key to its nearest other key, raw and between L2-normalised keys (sampled
-    queries, exact search); None below two keys.
+def sampled_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Squared distance from each of a sample of keys to its nearest *other* key (leave-one-out), raw and between
+    L2-normalised keys: two (s,) float64 tensors (sampled queries, exact search); None below two keys.
 
     One pass over the keys in chunks: both distances come from the same dot products,
     ||q - x||^2 = |q|^2 + |x|^2 - 2 q.x and ||q/|q| - x/|x|||^2 = 2 - 2 q.x / (|q| |x|).
     """
     n = keys.shape[0]
     if n < 2:
-        return None, None
+        return None
     rows = torch.from_numpy(np.random.default_rng(seed).choice(n, size=min(n, _SIGMA_SAMPLE), replace=False))
     q = keys[rows].float()  # (s, d)
     q_sq = q.pow(2).sum(-1, keepdim=True)  # (s, 1)
@@ -122,14 +123,63 @@ def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, f
         d2, order = d2.topk(2, dim=1, largest=False)
         ids = ids.gather(1, order)
         # the query itself is among the keys; an exact duplicate may come before it
-        other = torch.where(ids[:, 0] == rows, d2[:, 1], d2[:, 0])
-        out.append(float(other.double().mean()))
+        out.append(torch.where(ids[:, 0] == rows, d2[:, 1], d2[:, 0]).double())
     return out[0], out[1]
 
 
-def layer_stats(keys_fp16: torch.Tensor) -> dict:
-    raw, l2 = mean_nn_sq_dists(keys_fp16)
-    return {"mean_nn_sq_dist": raw, "mean_nn_sq_dist_l2": l2}
+def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
+    """Mean squared distance from a key to its nearest other key, raw and L2-normalised; None below two keys."""
+    dists = sampled_nn_sq_dists(keys, seed)
+    return (None, None) if dists is None else (float(dists[0].mean()), float(dists[1].mean()))
+
+
+@dataclass(frozen=True)
+class RadiusSpec:
+    """How a build sets each layer's confidence radius (`confidence=radius`, beyond the paper)."""
+
+    quantile: float  # of the keys' leave-one-out nearest-neighbour distances
+    scale: float  # the radius as a multiple of that quantile
+    far: Mapping[int, torch.Tensor] | None = None  # layer -> (m, d) router inputs of text that is not this domain
+    far_quantile: float = 0.001  # ... the radius stays below this quantile of their distances to the nearest key
+
+
+def nearest_sq_dists(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance from each query (m, d) to its nearest key (n, d), raw and L2-normalised: two (m,) float64."""
+    q = queries.float()
+    q_sq = q.pow(2).sum(-1, keepdim=True)  # (m, 1)
+    q_norm = q_sq.sqrt().clamp_min(1e-12)
+    raw = torch.full((len(q),), float("inf"), dtype=torch.float64)
+    l2 = raw.clone()
+    for start in range(0, keys.shape[0], _NN_ROWS):
+        x = keys[start : start + _NN_ROWS].float()  # (c, d)
+        x_sq = x.pow(2).sum(-1)  # (c,)
+        dots = q @ x.T  # (m, c)
+        raw = torch.minimum(raw, (q_sq + x_sq - 2 * dots).clamp_min(0).min(1).values.double())
+        l2 = torch.minimum(l2, (2 - 2 * dots / (q_norm * x_sq.sqrt().clamp_min(1e-12))).clamp_min(0).min(1).values.double())
+    return raw, l2
+
+
+def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer: int | None = None) -> dict:
+    """The sigma statistics and, when `radius` is given, the layer's confidence radius (raw and between
+    L2-normalised keys): scale x the quantile of the keys' leave-one-out nearest-neighbour distance, capped, when
+    not-this-domain router inputs are given, at the far_quantile of their distances to the nearest key."""
+    dists = sampled_nn_sq_dists(keys_fp16)
+    stats = {"mean_nn_sq_dist": None, "mean_nn_sq_dist_l2": None}
+    if dists is not None:
+        stats = {"mean_nn_sq_dist": float(dists[0].mean()), "mean_nn_sq_dist_l2": float(dists[1].mean())}
+    if radius is None or dists is None:
+        return stats
+    far = None
+    if radius.far is not None and len(radius.far[layer]):
+        far = nearest_sq_dists(radius.far[layer], keys_fp16)
+    for i, name in enumerate(("radius", "radius_l2")):
+        r = radius.scale * float(torch.quantile(dists[i], radius.quantile).sqrt())
+        if far is not None:
+            cap = float(torch.quantile(far[i], radius.far_quantile).sqrt())
+            stats[f"{name}_far_cap"] = cap
+            r = min(r, cap)
+        stats[name] = r
+    return stats
 
 
 def all_finite(x: torch.Tensor) -> bool:
@@ -141,7 +191,7 @@ def all_finite(x: torch.Tensor) -> bool:
 class LayerMemory:
     keys: torch.Tensor  # (n, d) fp16
     values: torch.Tensor  # (n, E) fp32
-    stats: dict  # mean_nn_sq_dist[_l2]: the basis of sigma=auto
+    stats: dict  # mean_nn_sq_dist[_l2]: the basis of sigma=auto; radius[_l2] when built with radius_quantile
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -172,6 +222,26 @@ class Memory:
             raise KnnMoeError(
                 f"{where}: the router weights of layers {changed} differ from this model's "
                 f"({signature.get('name_or_path')!r}), so its stored logits do not apply. Build a memory for this model."
+            )
+
+
+    @property
+    def build_preset(self) -> str:
+        """The preset the memory was built with (memories from before presets, or written directly: the paper)."""
+        return self.manifest.get("build", {}).get("preset", "paper")
+
+    def check_preset(self, preset: str) -> None:
+        """Refuse evaluating with a preset whose build side is not the one this memory was built with."""
+        from .options import BUILD_FIELDS, PRESETS
+
+        def build_side(name: str) -> dict:
+            return {k: v for k, v in PRESETS[name].items() if k in BUILD_FIELDS}
+
+        if build_side(preset) != build_side(self.build_preset):
+            raise KnnMoeError(
+                f"memory {self.path} was built with preset={self.build_preset}, but it is evaluated with "
+                f"preset={preset}: that preset's evaluation side expects a memory built its own way. Evaluate with "
+                f"preset={self.build_preset}, or build a memory with preset={preset}."
             )
 
 
@@ -239,11 +309,13 @@ def write_memory_streamed(
     signature: dict,
     build: dict | None = None,
     overwrite: bool = False,
+    radius: RadiusSpec | None = None,
 ) -> Path:
     """Write a complete memory layer by layer from row chunks: rows[layer] = (n, iterable of (keys, values)).
 
     Iterables are consumed one layer at a time (pass generators to read each layer's rows only when it is
-    written). The sigma statistics are then computed from the written, memory-mapped file.
+    written). The sigma statistics (and the confidence radius, `layer_stats`) are then computed from the
+    written, memory-mapped file.
     """
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
@@ -265,7 +337,7 @@ def write_memory_streamed(
             "keys_dtype": "float16",
             "values_dtype": "float32",
             "sha256": digest,
-            **layer_stats(load_file(str(out / name))["keys"]),
+            **layer_stats(load_file(str(out / name))["keys"], radius, layer),
         }
     from . import __version__
 
@@ -355,7 +427,12 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             raise KnnMoeError(f"{file}: keys must be float16 and values float32, found {keys.dtype}, {values.dtype}")
         if not (all_finite(keys) and all_finite(values)):
             raise KnnMoeError(f"{file} contains NaN or inf in its keys or values; rebuild the memory")
-        layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in ("mean_nn_sq_dist", "mean_nn_sq_dist_l2")})
+        for name in ("radius", "radius_l2"):
+            r = entry.get(name)
+            if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+                raise KnnMoeError(f"{out / MANIFEST}: layer {layer} has {name}={r!r}, not a positive number; rebuild the memory")
+        stat_names = ("mean_nn_sq_dist", "mean_nn_sq_dist_l2", "radius", "radius_l2")
+        layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in stat_names if k in entry})
     if sorted(layers) != sorted(manifest["model"]["moe_layers"]):
         raise KnnMoeError(f"{out}: manifest lists layers {sorted(layers)} but the model has {manifest['model']['moe_layers']}")
     return Memory(out, manifest, layers)

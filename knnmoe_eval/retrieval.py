@@ -10,7 +10,6 @@ mean share of the similarity mass taken by the nearest neighbour (over tokens wi
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,8 +21,8 @@ from .errors import KnnMoeError
 from .families import RouterSite, find_routers
 from .hooks import hooked_routers
 from .memory import Memory, l2_normalize, load_memory, model_signature
-from .mixing import mix, similarity
-from .options import KnnMoeOptions
+from .mixing import mix, similarity, within_radius
+from .options import KnnMoeOptions, resolve
 
 
 class _LayerRetrieval:
@@ -53,6 +52,7 @@ class _LayerRetrieval:
             self.key_sq = torch.cat([self._unit(c.float()).pow(2).sum(-1) for c in self.keys.split(65_536)])  # (n,)
         self.values = mem.values.to(self.device)  # (n, E) fp32
         self.two_sigma2 = two_sigma2
+        self.radius = mem.stats.get("radius_l2" if self.normalize else "radius")  # confidence=radius's cut-off
 
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances (m, k) fp32 and ids (m, k) of the k nearest keys to the queries q (m, d) fp32."""
@@ -89,6 +89,7 @@ class Retriever:
                  sites: list[RouterSite] | None = None):
         self.sites = sites if sites is not None else find_routers(model)  # callers that already looked pass them
         memory.check_matches(model_signature(model, self.sites))
+        memory.check_preset(options.preset)
         self.options = options
         self.layers: dict[int, _LayerRetrieval] = {}
         layer_keys = [memory.layers[s.layer].keys for s in self.sites]  # (n, d) fp16 each, memory-mapped
@@ -105,6 +106,11 @@ class Retriever:
                     f"k={options.k} but layer {site.layer} of memory {memory.path} holds only {len(mem)} keys; "
                     f"use k <= {len(mem)} or a larger memory"
                 )
+            if options.confidence == "radius" and mem.stats.get("radius") is None:
+                raise KnnMoeError(
+                    f"confidence=radius needs each layer's radius, and layer {site.layer} of {memory.path} has none: "
+                    "build the memory with radius_quantile=<q> (preset=plus does), or evaluate with confidence=kernel"
+                )
             self.layers[site.layer] = _LayerRetrieval(
                 site, model, memory, self._two_sigma2(mem.stats, site.layer, memory.path), options
             )
@@ -112,7 +118,7 @@ class Retriever:
         self.reset_diagnostics()
 
     def _two_sigma2(self, stats: dict, layer: int, path: Path) -> float:
-        if self.options.similarity == "cosine":
+        if self.options.similarity == "cosine" or self.options.confidence == "radius":
             return 1.0  # cosine similarity has no bandwidth
         if self.options.sigma is not None:
             return 2.0 * self.options.sigma**2
@@ -153,7 +159,11 @@ class Retriever:
             raise KnnMoeError(f"NaN in the router input of layer {site.layer}: the model's forward produced NaN")
         dist2, ids = layer.search(q, self.options.k)  # (m, k) each, on the layer's device
         dist2, ids = dist2.to(z.device), ids.to(z.device)
-        sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
+        if self.options.confidence == "radius":
+            radius = min(layer.radius, self.options.max_distance or float("inf"))
+            sims = within_radius(dist2, radius)
+        else:
+            sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
         z_sub = z if rows is None else z[rows]
         mixed, lam = mix(z_sub, layer.values[ids], sims)  # (m, E), (m,)
         if rows is None:
@@ -185,7 +195,7 @@ def attach(model: torch.nn.Module, memory: str | Path | Memory, **options) -> It
         print(retriever.diagnostics())
     """
     mem = memory if isinstance(memory, Memory) else load_memory(memory, verify=options.get("verify", True))
-    opts = replace(KnnMoeOptions(memory=str(mem.path)), **options)
+    opts = resolve({"memory": str(mem.path), **options})
     retriever = Retriever(model, mem, opts)
     with hooked_routers(retriever.sites, retriever, check_fired=False):
         yield retriever
