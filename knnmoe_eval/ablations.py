@@ -4,7 +4,8 @@ n: reference-set size N (N = 0 is zero-shot) · k: neighbours, with the top-1 ne
 mass · steps: gradient steps T · similarity: rbf, rbf on L2-normed vectors, cosine · ppl: gain per zero-shot
 perplexity bucket, and Selective · cost: build time of kNN-MoE against LoRA and router-only SFT, and evaluation
 time · latency: evaluation time and peak memory against N for the exact and IVFPQ indexes · unlabelled: memories
-built from self- or judge-labelled references against gold labels (beyond the paper).
+built from self- or judge-labelled references against gold labels (beyond the paper) · plus: `preset=plus` with
+one ingredient at a time put back to the paper's setting (beyond the paper, docs/plus.md).
 """
 
 from __future__ import annotations
@@ -17,11 +18,21 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KnnMoeError
-from .experiments import BENCHMARKS, DENSE
+from .experiments import BENCHMARKS, DENSE, PLUS
+from .options import default
 from .memory import write_json_atomic
 from .stats import BUCKETS, perplexity_buckets
 
-ABLATIONS = ("n", "k", "steps", "similarity", "ppl", "cost", "latency", "unlabelled")
+ABLATIONS = ("n", "k", "steps", "similarity", "ppl", "cost", "latency", "unlabelled", "plus")
+
+# preset=plus without one ingredient: (build overrides, evaluation overrides), each the paper's own setting
+PLUS_INGREDIENTS = {
+    "grad=dense": ({"grad": "paper"}, {}),
+    "Adam, T 30, lr 1": ({"optimizer": "sgd", "steps": 1, "eta": default("eta")}, {}),
+    "free=kept": ({"free": "all"}, {}),
+    "keys=mixed": ({"keys": "stock"}, {}),
+    "confidence=radius": ({}, {"confidence": "kernel"}),
+}
 
 
 def run(runner, name: str) -> str:
@@ -102,6 +113,7 @@ def _cost(runner, benches):
         ("kNN-MoE", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b)),
         ("kNN-MoE (IVFPQ)", lambda b: _build_s(runner.memory(b)), runner.knn_ivfpq),
         ("kNN-MoE (grad=dense)", lambda b: _build_s(runner.memory(b, **DENSE)), runner.knn_dense),
+        ("kNN-MoE (plus)", lambda b: _build_s(runner.memory(b, **PLUS)), runner.knn_plus),
         ("LoRA SFT", lambda b: _train_s(runner.adapter(b, "lora")), None),
         ("Router-only SFT", lambda b: _train_s(runner.adapter(b, "router")), None),
         ("Zero-shot", lambda b: 0.0, lambda b: runner.zero_shot(b)),
@@ -200,6 +212,20 @@ def _unlabelled(runner, benches):
     zero = _accuracy_row({b.name: runner.zero_shot(b) for b in benches})
     rows.insert(0, {"labels": "none (zero-shot)", "agree with gold": None, **zero})
     return rows, "labels", "Avg.", "bar"
+
+
+def _plus(runner, benches):
+    """preset=plus, then the same with one ingredient at a time back at the paper's setting, and the paper."""
+    rows = [{"kNN-MoE": "paper", **_accuracy_row({b.name: runner.knn(b) for b in benches})},
+            {"kNN-MoE": "plus", **_accuracy_row({b.name: runner.knn_plus(b) for b in benches})}]
+    ingredients = dict(PLUS_INGREDIENTS)
+    if runner.s.calibration:
+        ingredients["calibration"] = ({"calibration": None}, {})
+    for name, (build, options) in ingredients.items():
+        records = {b.name: runner.knn(b, f"ablate-plus/without-{re.sub(r'[^a-z0-9]+', '-', name.lower())}",
+                                      build={**PLUS, **build}, **PLUS, **options) for b in benches}
+        rows.append({"kNN-MoE": f"plus − {name}", **_accuracy_row(records)})
+    return rows, "kNN-MoE", "Avg.", "bar"
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -13,13 +13,14 @@ the build nor the merge ever holds more than one shard's worth of keys.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import ExitStack
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
 BUILD_STATE = "build.json"
+CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
 
 
 @dataclass
@@ -187,14 +189,19 @@ class MemoryBuilder:
         return results
 
     @torch.no_grad()
-    def read_calibration(self, token_lists: list[list[int]], pad_id: int, batch_size: int, cap: int = 20_000) -> None:
+    def read_calibration(self, token_lists: Iterable[list[int]], pad_id: int, batch_size: int,
+                         cap: int = CALIBRATION_TOKENS) -> None:
         """Router inputs (stock routing) at every position of the not-this-domain calibration text, up to `cap`
         tokens per layer: what each layer's radius must stay clear of (`memory.RadiusSpec`)."""
         device = next(self.model.parameters()).device
         far: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
         held = 0
-        for b in tqdm(range(0, len(token_lists), batch_size), desc="kNN-MoE calibration text", unit="batch"):
-            batch = token_lists[b : b + batch_size]
+        texts = iter(token_lists)  # consumed lazily: a large file is read only as far as the cap
+        bar = tqdm(total=cap, desc="kNN-MoE calibration text", unit="tok")
+        while held < cap:
+            batch = list(itertools.islice(texts, batch_size))
+            if not batch:
+                break
             width = max(len(t) for t in batch)
             inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
             real = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -212,8 +219,8 @@ class MemoryBuilder:
             for layer, h in seen.items():
                 far[layer].append(h[rows].to("cpu", torch.float16))
             held += int(real.sum())
-            if held >= cap:
-                break
+            bar.update(int(real.sum()))
+        bar.close()
         self.far = {layer: torch.cat(hs)[:cap] for layer, hs in far.items()}
 
     def finalize(self) -> Path:
@@ -291,9 +298,10 @@ def refuse_several_answers(rids: list[RequestId], purpose: str) -> None:
         )
 
 
-def read_texts(path: str) -> list[str]:
-    """The calibration texts: one per line, or JSONL records with a "text" field (e.g. a toy's train split)."""
-    texts = []
+def read_texts(path: str) -> Iterator[str]:
+    """The calibration texts, read lazily: one per line, or JSONL records with a "text" field (e.g. a toy's train
+    split)."""
+    found = False
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -303,7 +311,7 @@ def read_texts(path: str) -> list[str]:
                 if "text" not in record:
                     raise KnnMoeError(f"{path}:{n}: a JSONL calibration record needs a 'text' field")
                 line = record["text"]
-            texts.append(line.rstrip("\n"))
-    if not texts:
+            found = True
+            yield line.rstrip("\n")
+    if not found:
         raise KnnMoeError(f"calibration file {path} holds no text")
-    return texts

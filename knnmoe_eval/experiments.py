@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks"
 DENSE = {"grad": "dense"}  # the build settings of the `grad=dense` rows
+PLUS = {"preset": "plus"}  # the build and evaluation setting of the `preset=plus` rows (docs/plus.md)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Settings:
     allow_code_execution: bool = False
     gen_kwargs: str | None = None  # overrides the generative tasks' generation_kwargs, e.g. max_gen_toks=64
     judge: str | None = None  # labeller for the unlabelled ablation: knn-dense | lm-eval "MODEL:ARGS"
+    calibration: str | None = None  # preset=plus builds: not-this-domain text capping the radius (docs/plus.md)
     cache: str = ".cache"
     # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md). None in
     # n_values is the whole reference set.
@@ -192,10 +194,14 @@ class Runner:
 
     def memory(self, bench: Benchmark, *, n: int | None = None, **build) -> Path:
         """The kNN-MoE memory of `bench` built from its first `n` references (all by default) through lm-eval."""
-        build = {"eta": self.s.eta, "steps": self.s.steps, "grad": "paper", **build}
+        if build.get("preset", "paper") == "paper":  # the runner's η and T are the paper rows'; a preset has its own
+            build = {"eta": self.s.eta, "steps": self.s.steps, "grad": "paper", **build}
+        elif self.s.calibration:
+            build = {"calibration": self.s.calibration, **build}
         n = self.s.ref_limit if n is None else n
         name = "-".join([bench.name, f"n{n if n is not None else 'all'}"] +
-                        [f"{k}{Path(str(v)).stem if k == 'labels' else v}" for k, v in sorted(build.items())] +
+                        [f"{k}{Path(str(v)).stem if k in ('labels', 'calibration') else v}"
+                         for k, v in sorted(build.items()) if v is not None] +
                         (["chat"] if self.s.apply_chat_template else []))
         path = self.out / "memories" / name
         if not (path / "manifest.json").exists():
@@ -283,6 +289,9 @@ class Runner:
     def knn_dense(self, bench: Benchmark) -> dict:
         return self.knn(bench, "knn-dense", build=DENSE)
 
+    def knn_plus(self, bench: Benchmark) -> dict:
+        return self.knn(bench, "knn-plus", build=PLUS, **PLUS)
+
     def selective(self, bench: Benchmark) -> dict:
         """kNN-MoE with retrieval skipped on the lowest-perplexity third of the test items (paper Table 3).
 
@@ -306,6 +315,7 @@ class Runner:
         methods["kNN-MoE (IVFPQ)"] = lambda: self.knn_ivfpq(bench)
         methods["kNN-MoE (Selective)"] = lambda: self.selective(bench)
         methods["kNN-MoE (grad=dense)"] = lambda: self.knn_dense(bench)
+        methods["kNN-MoE (plus)"] = lambda: self.knn_plus(bench)
         rows = {}
         for name, run in methods.items():
             try:
@@ -446,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen_kwargs", help="override generation settings of generative tasks, e.g. max_gen_toks=64")
     parser.add_argument("--judge", help="unlabelled ablation: knn-dense, or an lm-eval model spec MODEL:ARGS")
     parser.add_argument("--cache", help="where the toy model is cached")
+    parser.add_argument("--calibration", help="preset=plus builds: a file of text that is not the benchmarks' domain "
+                                              "(never test data), e.g. a toy's data/train.jsonl")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)

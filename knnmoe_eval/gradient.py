@@ -44,8 +44,9 @@ from .hooks import hooked_routers
 class LeafLogits:
     """Hook transform of the build: each layer's logits become a free leaf, initialised at the stock logits."""
 
-    def __init__(self, dense: bool = False):
+    def __init__(self, dense: bool = False, rows: torch.Tensor | None = None):
         self.dense = dense
+        self.rows = rows  # (n_tokens,) bool: the only rows whose logits move (free=kept), None: all
         self.leaves: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32, requires grad
         self.stock: dict[int, torch.Tensor] = {}  # (n_tokens, E) fp32
         self.keys: dict[int, torch.Tensor] = {}  # (n_tokens, d) router inputs of the stock forward
@@ -72,9 +73,14 @@ class LeafLogits:
         def hook(experts: torch.nn.Module, args, output):
             h = args[0].detach()  # (n_tokens, d)
             p = self.dense_probs.pop(layer)  # (n_tokens, E)
+            if self.rows is not None:  # only these rows' logits take a gradient: the dense mixture of the rest is
+                h, p = h[self.rows], p[self.rows]  # never needed (free=kept: E/k times fewer expert calls saved)
             all_experts = torch.arange(p.shape[-1], device=p.device).expand(p.shape[0], -1)
             dense = experts.forward(h, all_experts, p.to(h.dtype))
-            return output + (dense - dense.detach())
+            dense = dense - dense.detach()  # zero-valued, carries the dense gradient
+            if self.rows is None:
+                return output + dense
+            return output.index_put((self.rows.nonzero().squeeze(-1),), dense, accumulate=True)
 
         return hook
 
@@ -147,7 +153,7 @@ def optimise_logits(model: torch.nn.Module, sites: Sequence[RouterSite], inputs:
     free=kept: only the scored positions' logits move; keys=mixed: keys re-read under the optimised routing.
     """
     movable = scored.reshape(-1, 1).float() if free == "kept" else None  # (b*T, 1)
-    transform = LeafLogits(dense=grad == "dense")
+    transform = LeafLogits(dense=grad == "dense", rows=scored.reshape(-1) if free == "kept" else None)
     leaves, opt, losses = None, None, []
     answer_logprob = answer_greedy = None
     for step in range(steps):

@@ -105,7 +105,7 @@ class KnnMoeLM(HFLM):
         if self.rank == 0:
             if self.knn.calibration:
                 texts = read_texts(self.knn.calibration)
-                self.builder.read_calibration([self.tok_encode(t)[-self.max_length:] for t in texts],
+                self.builder.read_calibration((self.tok_encode(t)[-self.max_length:] for t in texts),
                                               self.tokenizer.pad_token_id or 0, batch)
             self.builder.finalize()
         if self.world_size > 1:

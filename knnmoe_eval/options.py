@@ -132,9 +132,9 @@ BUILD_FIELDS = ("preset", "eta", "steps", "loss", "grad", "optimizer", "position
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "plus": {
-        # values: the dense straight-through gradient, 30 Adam steps, only the stored positions' logits free, keys
-        # read under the routing the values will produce
-        "grad": "dense", "optimizer": "adam", "eta": 1.0, "steps": 30, "free": "kept", "keys": "mixed",
+        # values: the dense straight-through gradient, 5 Adam steps of 5, only the stored positions' logits free,
+        # keys read under the routing the values will produce
+        "grad": "dense", "optimizer": "adam", "eta": 5.0, "steps": 5, "free": "kept", "keys": "mixed",
         # confidence: lambda = 1 within twice the 99th percentile of the memory's own neighbour distances
         "radius_quantile": 0.99, "radius_scale": 2.0, "confidence": "radius",
     },
