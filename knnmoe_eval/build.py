@@ -3,7 +3,9 @@
 The method itself (leaf logits, the loss, z* = z - eta g) is `gradient.py`; this module feeds it padded batches,
 keeps the stored positions, and owns resume and the merge. Keys are router inputs under stock routing; values of
 layer l >= 1 are computed with earlier layers stock, but at inference they are applied after earlier layers were
-already mixed: that mismatch is inherent to the paper's method and kept as is.
+already mixed: that mismatch is the paper's, kept by default; `keys=mixed` (preset=plus) re-reads the keys under
+the stored routing instead. With `radius_quantile` (and `calibration` text) the merge also stores each layer's
+confidence radius (`memory.layer_stats`).
 
 Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
 the memory itself is written last, manifest last of all. Finalizing merges one layer at a time, streaming each

@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import KnnMoeError
 from .memory import write_json_atomic
-from .options import default
+from .options import PRESETS, default
 from .stats import lowest_fraction, paired_bootstrap
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,9 @@ def table(runner: Runner) -> dict:
     errors = {f"{m} on {b}": per_bench[b][m]["error"] for m in methods for b in s.benchmarks
               if "error" in per_bench[b].get(m, {})}
     notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = {default('positions')}; k = {s.k}, similarity = "
-             f"{default('similarity')} (hf-knnmoe's defaults unless set)."]
+             f"{default('similarity')} (hf-knnmoe's defaults unless set).",
+             f"kNN-MoE (plus): preset=plus ({', '.join(f'{k} = {v}' for k, v in PRESETS['plus'].items())}), "
+             f"calibration text: {s.calibration or 'none (radius_scale = 1)'}; docs/plus.md."]
     from .fewshot import QWEN3
 
     encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks

@@ -14,7 +14,7 @@ from test_toy import SMALL
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (IVFPQ)", "kNN-MoE (Selective)",
-               "kNN-MoE (grad=dense)"]
+               "kNN-MoE (grad=dense)", "kNN-MoE (plus)"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,8 @@ def ablation_out(tmp_path_factory):
     return tmp_path_factory.mktemp("ablations")  # shared, so that later ablations reuse earlier pieces
 
 
-@pytest.mark.parametrize("name", ablations.ABLATIONS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.e2e) if n == "plus" else n
+                                  for n in ablations.ABLATIONS])
 def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, monkeypatch):
     tmp_path = ablation_out
     runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
@@ -92,6 +93,8 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, ablation_out, 
         assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq"}
     if name == "unlabelled":
         assert [r["labels"] for r in rows] == ["none (zero-shot)", "gold", "self", "judge"]
+    if name == "plus":
+        assert [r["kNN-MoE"] for r in rows] == ["paper", "plus", *(f"plus − {i}" for i in ablations.PLUS_INGREDIENTS)]
 
 
 def runner_bench(name):

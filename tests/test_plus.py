@@ -13,7 +13,7 @@ from knnmoe_eval.families import find_routers
 from knnmoe_eval.gradient import optimise_logits
 from knnmoe_eval.memory import RadiusSpec, layer_stats, load_memory
 from knnmoe_eval.mixing import mix, within_radius
-from knnmoe_eval.options import PRESETS, default, resolve, split_model_args
+from knnmoe_eval.options import PRESETS, UNCALIBRATED, default, resolve, split_model_args
 from knnmoe_eval.retrieval import attach
 from knnmoe_eval.tiny import make_tiny_model
 
@@ -35,8 +35,12 @@ def build(model, path, **given):
 
 
 def test_preset_sets_defaults_and_explicit_options_win():
-    plus, _ = split_model_args({"preset": "plus", "memory": "m"}, passthrough=set())
+    plus, _ = split_model_args({"preset": "plus", "memory": "m", "mode": "build", "calibration": __file__}, set())
     assert {k: getattr(plus, k) for k in PRESETS["plus"]} == PRESETS["plus"]
+    # without calibration text to cap it, the preset's radius is narrower; an explicit radius_scale still wins
+    bare, _ = split_model_args({"preset": "plus", "memory": "m"}, set())
+    assert bare.radius_scale == UNCALIBRATED["plus"]["radius_scale"] != plus.radius_scale
+    assert split_model_args({"preset": "plus", "memory": "m", "radius_scale": "3"}, set())[0].radius_scale == 3.0
     # lm-eval hands model_args over as strings or parsed numbers: explicit ones win over the preset either way
     mine, _ = split_model_args({"preset": "plus", "memory": "m", "steps": "3", "confidence": "kernel"}, set())
     assert (mine.steps, mine.confidence, mine.grad) == (3, "kernel", "dense")
