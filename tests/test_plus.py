@@ -117,24 +117,46 @@ def _batch():
 
 @pytest.mark.parametrize("grad", ["paper", "dense"])
 def test_free_kept_moves_only_the_stored_positions(grad):
-    """The other positions' logits never move, over several steps; after one step the stored positions' values are
-    those of free=all (their first gradient does not depend on the others; under grad=dense only the stored rows'
-    dense mixture is computed, so the sums run in another order: fp32 tolerance)."""
+    """The other positions' logits never move (they are the stock logits), over several steps; after one step the stored positions' values are
+    those of free=all (their first gradient does not depend on the others)."""
     model = make_tiny_model("olmoe")
     sites = find_routers(model)
     inputs, targets, scored = _batch()
     rows = scored.reshape(-1)
     args = (model, sites, inputs, targets, scored, scored)
     stock_h = router_inputs(model, inputs)
-    same = torch.equal if grad == "paper" else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    # free=kept steps from the prefix's key/value cache, so the sums run in another order: fp32 tolerance
+    same = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
     every = optimise_logits(*args, eta=50.0, grad=grad)
     kept = optimise_logits(*args, eta=50.0, grad=grad, free="kept")
     several = optimise_logits(*args, eta=50.0, steps=3, grad=grad, free="kept")
     for s in sites:
         assert same(kept.values[s.layer][rows], every.values[s.layer][rows])
         assert not torch.equal(kept.values[s.layer][rows], s.logits(stock_h[s.layer])[rows].float())
-        for result in (kept, several):
-            assert torch.equal(result.values[s.layer][~rows], s.logits(stock_h[s.layer])[~rows].float())
+        for result in (kept, several):  # the prefix's own forward: the same logits up to fp32 summation order
+            assert torch.allclose(result.values[s.layer][~rows], s.logits(stock_h[s.layer])[~rows].float(),
+                                  rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_free_kept_steps_from_the_prefix_cache_as_from_the_whole_sequence(family, monkeypatch):
+    """Under free=kept the steps run only the columns from the first stored position on, from the prefix's
+    key/value cache: the same keys, values and losses as recomputing every position each step (fp32 tolerance)."""
+    import knnmoe_eval.gradient as gradient
+
+    model = make_tiny_model(family)
+    sites = find_routers(model)
+    inputs, targets, scored = _batch()
+    assert gradient.shared_prefix(scored) > 0
+    kw = dict(eta=5.0, steps=3, grad="dense", optimizer="adam", free="kept", keys="mixed")
+    cached = optimise_logits(model, sites, inputs, targets, scored, scored, **kw)
+    monkeypatch.setattr(gradient, "shared_prefix", lambda scored: 0)
+    whole = optimise_logits(model, sites, inputs, targets, scored, scored, **kw)
+    assert cached.losses == pytest.approx(whole.losses, rel=1e-5)
+    for s in sites:
+        for a, b in ((cached.keys, whole.keys), (cached.values, whole.values)):
+            assert a[s.layer].shape == b[s.layer].shape
+            assert torch.allclose(a[s.layer], b[s.layer], rtol=1e-4, atol=1e-4)
 
 
 def test_mixed_keys_are_router_inputs_under_the_stored_routing():
