@@ -182,3 +182,29 @@ def test_mixed_keys_are_router_inputs_under_the_stored_routing():
         model(inputs)
     for s in sites:
         assert torch.equal(mixed.keys[s.layer], seen[s.layer])
+
+
+def test_calibration_text_caps_the_stored_radius(tmp_path):
+    """The build reads the calibration text's router inputs and stores each layer's radius at most the chosen
+    quantile of their distances to the nearest key; the manifest records the file's sha256."""
+    from knnmoe_eval.build import read_texts
+
+    text = tmp_path / "far.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A: ab c", "B: ba cd e", "C: x")))
+    assert list(read_texts(str(text))) == ["A: ab c", "B: ba cd e", "C: x"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(KnnMoeError, match="needs a 'text' field"):
+        list(read_texts(str(tmp_path / "bad.jsonl")))
+    model = make_tiny_model("olmoe")
+    opts = resolve({"memory": str(tmp_path / "mem"), "mode": "build", "preset": "plus", "calibration": str(text),
+                    "calibration_quantile": 0.0})
+    b = MemoryBuilder(model, find_routers(model), signature(model), opts)
+    b.run(sequences(), pad_id=0, batch_size=3)
+    b.read_calibration(([1] + [ord(c) + 4 for c in t] for t in read_texts(str(text))), pad_id=0, batch_size=2)
+    b.finalize()
+    memory = load_memory(tmp_path / "mem")
+    assert memory.manifest["build"]["calibration"]["quantile"] == 0.0 and opts.radius_scale == 2.0
+    for layer, lm in memory.layers.items():
+        nearest = torch.cdist(b.far[layer].float(), lm.keys.float()).min()  # quantile 0: the nearest token
+        cap = memory.manifest["layers"][str(layer)]["radius_far_cap"]
+        assert cap == pytest.approx(float(nearest), rel=1e-3) and lm.stats["radius"] <= cap
