@@ -23,6 +23,12 @@ positions, which shrinks the step of an n-token answer n-fold.
 families, one shared sign otherwise). The forward stays exactly sparse while the backward treats the layer as
 the dense softmax mixture of all experts (straight-through, as DenseMixer): E/k times the expert compute.
 
+`free=kept` (beyond the paper): only the scored (stored) positions' leaves move, so a value cannot count on routing
+changes elsewhere that retrieval will not make; the columns before every row's first scored position then never
+change, and the steps run from their key/value cache. `keys=mixed` (beyond the paper): after the steps, one more
+forward with the scored positions routed by their z* reads the keys, so a later layer's key is the router input
+it will meet once the earlier layers are mixed at inference, not the stock one.
+
 Log-probabilities are computed at the scored positions only (`logits_to_keep`): a full-vocabulary fp32 logit
 tensor of a whole batch is gigabytes at a 150k vocabulary.
 """
