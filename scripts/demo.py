@@ -3,9 +3,12 @@
 1. train (or load from .cache/) the toy MoE of `knnmoe_eval.experiments.toy`: training domains plus a shifted domain whose
    answers the experts know but the router does not send the tokens to;
 2. build kNN-MoE memories through lm-eval from the shifted domain's reference split (`knnmoe_toy_shift_ref`),
-   with the paper's gradient and with `grad=dense`;
+   with `preset=paper` (the paper's method) and `preset=plus` (our recipe, docs/plus.md; its confidence radius is
+   kept clear of the toy's training-domain text, the train split, named with `calibration=`);
 3. evaluate through lm-eval the stock model (`hf`) and `hf-knnmoe` with each memory on the shifted test split and
    on an in-domain split; print a table, save results/demo.json and results/demo.png (accuracy, lambda per layer).
+
+`--toy second` runs the same on the generalisation toy of docs/plus.md (results/demo-second.*).
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from pathlib import Path
 import lm_eval
 import lm_eval.tasks
 
-from knnmoe_eval.core.options import default
-from knnmoe_eval.experiments.toy import train_or_load
+from knnmoe_eval.experiments.toy import SECOND_TOY, ToyConfig, data_file, train_or_load
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["knnmoe_toy_shift", "knnmoe_toy_indomain"]
@@ -30,12 +32,16 @@ def evaluate(task_manager, model: str, model_args: str, tasks: list[str]) -> dic
                                    batch_size=32, device="cpu")
 
 
-def build(task_manager, toy_dir: Path, memory: Path, settings: str) -> None:
+def build(task_manager, toy_dir: Path, memory: Path, settings: dict) -> float | None:
+    """Build `memory` through lm-eval; the build's wall seconds (None when an existing memory is reused)."""
+    from knnmoe_eval.harness.lm import KnnMoeLM
+
     if (memory / "manifest.json").exists():
         print(f"reusing memory {memory}")
-        return
-    evaluate(task_manager, "hf-knnmoe", f"pretrained={toy_dir},mode=build,memory={memory},{settings}",
-             ["knnmoe_toy_shift_ref"])
+        return None
+    lm = KnnMoeLM(pretrained=str(toy_dir), mode="build", memory=str(memory), batch_size=32, device="cpu", **settings)
+    lm_eval.simple_evaluate(model=lm, tasks=["knnmoe_toy_shift_ref"], task_manager=task_manager)
+    return lm.build_wall_s
 
 
 def plot(rows: dict, path: Path) -> None:
@@ -74,20 +80,23 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / ".cache"), help="where the trained toy model is kept")
     parser.add_argument("--memories", default=str(ROOT / "memories"), help="where the demo's memories are written")
     parser.add_argument("--out", default=str(ROOT / "results"), help="where demo.json and demo.png go")
-    parser.add_argument("--eta", type=float, default=default("eta"),
-                        help="step size of the memory build (default: hf-knnmoe's)")
+    parser.add_argument("--toy", choices=("readme", "second"), default="readme",
+                        help="readme: the README's toy; second: the generalisation toy of docs/plus.md")
     parser.add_argument("--k", type=int, default=1)
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
-    toy_dir = train_or_load(args.cache)
+    toy_dir = train_or_load(args.cache, ToyConfig() if args.toy == "readme" else SECOND_TOY)
     tm = lm_eval.tasks.TaskManager(include_path=str(ROOT / "tasks" / "toy"), metadata={"toy_dir": str(toy_dir)})
     key = toy_dir.name
     methods = {"stock": ("hf", f"pretrained={toy_dir}")}
-    for grad in ("paper", "dense"):
-        memory = Path(args.memories) / f"{key}-{grad}-eta{args.eta:g}"
-        build(tm, toy_dir, memory, f"grad={grad},eta={args.eta}")
-        methods[f"kNN-MoE ({grad})"] = ("hf-knnmoe", f"pretrained={toy_dir},memory={memory},k={args.k}")
+    # the toy's training-domain text (its train split, no test item) is what the plus memory must stay clear of
+    presets = {"paper": {}, "plus": {"calibration": str(data_file(toy_dir, "train"))}}
+    build_s = {}
+    for preset, extra in presets.items():
+        memory = Path(args.memories) / f"{key}-{preset}"
+        build_s[f"kNN-MoE ({preset})"] = build(tm, toy_dir, memory, {"preset": preset, **extra})
+        methods[f"kNN-MoE ({preset})"] = ("hf-knnmoe", f"pretrained={toy_dir},memory={memory},k={args.k},preset={preset}")
 
     rows = {}
     for name, (model, model_args) in methods.items():
@@ -102,19 +111,22 @@ def main() -> None:
 
     stock = rows["stock"]
     print(f"\ntoy model: {toy_dir}\n")
-    print("| method | shifted acc | Δ vs stock | in-domain acc | in-domain kept | mean λ (shifted) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | shifted acc | Δ vs stock | in-domain acc | in-domain kept | mean λ (shifted) | build s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         lam = r.get("lambda")
         lam_s = f"{sum(lam.values()) / len(lam):.3f}" if lam else "—"
+        r["build_s"] = build_s.get(name)
+        secs = "—" if r["build_s"] is None else f"{r['build_s']:.1f}"
         print(f"| {name} | {r['knnmoe_toy_shift']:.3f} | {r['knnmoe_toy_shift'] - stock['knnmoe_toy_shift']:+.3f} | "
-              f"{r['knnmoe_toy_indomain']:.3f} | {r['knnmoe_toy_indomain'] / stock['knnmoe_toy_indomain']:.1%} | {lam_s} |")
+              f"{r['knnmoe_toy_indomain']:.3f} | {r['knnmoe_toy_indomain'] / stock['knnmoe_toy_indomain']:.1%} | {lam_s} | "
+              f"{secs} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps({"toy_dir": str(toy_dir), "eta": args.eta, "k": args.k, "rows": rows},
-                                              indent=2))
-    plot(rows, out / "demo.png")
-    print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}")
+    stem = "demo" if args.toy == "readme" else "demo-second"
+    (out / f"{stem}.json").write_text(json.dumps({"toy_dir": str(toy_dir), "k": args.k, "rows": rows}, indent=2))
+    plot(rows, out / f"{stem}.png")
+    print(f"\nwrote {out / stem}.json and {out / stem}.png")
 
 
 if __name__ == "__main__":

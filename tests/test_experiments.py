@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_TOY
 
-from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
+from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
 from knnmoe_eval.testing import save_tiny
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (IVFPQ)", "kNN-MoE (Selective)",
-               "kNN-MoE (grad=dense)", "C3PO"]
+               "kNN-MoE (grad=dense)", "kNN-MoE (plus)", "C3PO"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,8 @@ def shared_pieces(toy_dir, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ablations.ABLATIONS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.e2e) if n == "plus" else n
+                                  for n in ablations.ABLATIONS])
 def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces, tmp_path):
     shutil.copytree(shared_pieces, tmp_path, dirs_exist_ok=True)
     runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
@@ -116,6 +117,8 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
         assert rows[0]["LoRA SFT std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
     if name == "unlabelled":
         assert [r["labels"] for r in rows] == ["none (zero-shot)", "gold", "self", "judge"]
+    if name == "plus":
+        assert [r["kNN-MoE"] for r in rows] == ["paper", "plus", *(f"plus − {i}" for i in ablations.PLUS_INGREDIENTS)]
 
 
 def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):

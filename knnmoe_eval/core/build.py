@@ -3,7 +3,9 @@
 The method itself (leaf logits, the loss, z* = z - eta g) is `gradient.py`; this module feeds it padded batches,
 keeps the stored positions, and owns resume and the merge. Keys are router inputs under stock routing; values of
 layer l >= 1 are computed with earlier layers stock, but at inference they are applied after earlier layers were
-already mixed: that mismatch is inherent to the paper's method and kept as is.
+already mixed: that mismatch is the paper's, kept by default; `keys=mixed` (preset=plus) re-reads the keys under
+the stored routing instead. With `radius_quantile` (and `calibration` text) the merge also stores each layer's
+confidence radius (`memory.layer_stats`).
 
 Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
 the memory itself is written last, manifest last of all. Finalizing merges one layer at a time, streaming each
@@ -13,13 +15,14 @@ the build nor the merge ever holds more than one shard's worth of keys.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -29,13 +32,16 @@ from ..errors import KnnMoeError
 from .families import RouterSite
 from .files import save_tensors_atomic, sha256_file, write_json_atomic
 from .gradient import optimise_logits
+from .hooks import hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
-from .options import KnnMoeOptions
+from .options import BUILD_FIELDS, KnnMoeOptions
+from .sigma import RadiusSpec
 
 log = logging.getLogger(__name__)
 
 RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
 BUILD_STATE = "build.json"
+CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
 
 
 @dataclass
@@ -68,6 +74,7 @@ class MemoryBuilder:
         self.rank, self.world_size = rank, world_size
         self.out = Path(options.memory)
         self.shard_dir = self.out / "shards"
+        self.far: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
         self._check_out_dir()
 
     # -- resumable state -------------------------------------------------------------------------------------
@@ -134,7 +141,7 @@ class MemoryBuilder:
         o = self.opts
         result = optimise_logits(self.model, self.sites, inputs.to(device), targets.to(device), kept.to(device),
                                  answer.to(device), eta=o.eta, steps=o.steps, loss=o.loss, grad=o.grad,
-                                 optimizer=o.optimizer)
+                                 optimizer=o.optimizer, free=o.free, keys=o.keys)
         flat_kept = kept.reshape(-1).to(device)
         for site in self.sites:
             # fp16 as stored: half the shard's RAM, and the same numbers (any float -> fp16 rounds once)
@@ -200,6 +207,41 @@ class MemoryBuilder:
         log.info("kNN-MoE build: %d sequences in %.1f s", len(sequences), time.perf_counter() - start)
         return results
 
+    @torch.no_grad()
+    def read_calibration(self, token_lists: Iterable[list[int]], pad_id: int, batch_size: int,
+                         cap: int = CALIBRATION_TOKENS) -> None:
+        """Router inputs (stock routing) at every position of the not-this-domain calibration text, up to `cap`
+        tokens per layer: what each layer's radius must stay clear of (`memory.RadiusSpec`)."""
+        device = next(self.model.parameters()).device
+        far: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
+        held = 0
+        texts = iter(token_lists)  # consumed lazily: a large file is read only as far as the cap
+        bar = tqdm(total=cap, desc="kNN-MoE calibration text", unit="tok")
+        while held < cap:
+            batch = list(itertools.islice(texts, batch_size))
+            if not batch:
+                break
+            width = max(len(t) for t in batch)
+            inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            real = torch.zeros(len(batch), width, dtype=torch.bool)
+            for i, t in enumerate(batch):
+                inputs[i, : len(t)], real[i, : len(t)] = torch.tensor(t), True
+            seen: dict[int, torch.Tensor] = {}
+
+            def record(site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+                seen[site.layer] = h
+                return z
+
+            with hooked_routers(self.sites, record):
+                self.model(inputs.to(device))
+            rows = real.reshape(-1).to(device)
+            for layer, h in seen.items():
+                far[layer].append(h[rows].to("cpu", torch.float16))
+            held += int(real.sum())
+            bar.update(int(real.sum()))
+        bar.close()
+        self.far = {layer: torch.cat(hs)[:cap] for layer, hs in far.items()}
+
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
         where: dict[RequestId, tuple[Path, int, int]] = {}  # request -> (shard, first row, rows)
@@ -232,8 +274,11 @@ class MemoryBuilder:
                 if keys:
                     yield torch.cat(keys), torch.cat(values)
 
+            o = self.opts
+            radius = None if o.radius_quantile is None else RadiusSpec(o.radius_quantile, o.radius_scale, self.far,
+                                                                        o.calibration_quantile)
             write_memory_streamed(self.out, {s.layer: (n, rows(s.layer)) for s in self.sites}, self.signature,
-                                  build=settings)
+                                  build=settings, radius=radius)
         for path in self._finished_shards():
             path.unlink()
         self.shard_dir.rmdir()
@@ -266,8 +311,10 @@ def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: l
 
 def build_settings(opts: KnnMoeOptions) -> dict:
     """What a built memory records about how it was built (labels: null = gold answers)."""
-    settings = {n: getattr(opts, n) for n in ("eta", "steps", "loss", "grad", "optimizer", "positions")}
-    return {**settings, "labels": None if opts.labels is None else describe(opts.labels)}
+    settings = {n: getattr(opts, n) for n in BUILD_FIELDS}
+    return {**settings, "labels": None if opts.labels is None else describe(opts.labels),
+            "calibration": None if opts.calibration is None else {
+                "sha256": sha256_file(Path(opts.calibration)), "quantile": opts.calibration_quantile}}
 
 
 def describe(labels_path: str | Path) -> dict:
@@ -278,3 +325,22 @@ def describe(labels_path: str | Path) -> dict:
             if line.strip():
                 labellers.add(json.loads(line).get("labeller", "?"))
     return {"sha256": sha256_file(Path(labels_path)), "labellers": sorted(labellers)}
+
+
+def read_texts(path: str) -> Iterator[str]:
+    """The calibration texts, read lazily: one per line, or JSONL records with a "text" field (e.g. a toy's train
+    split)."""
+    found = False
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".jsonl"):
+                record = json.loads(line)
+                if "text" not in record:
+                    raise KnnMoeError(f"{path}:{n}: a JSONL calibration record needs a 'text' field")
+                line = record["text"]
+            found = True
+            yield line.rstrip("\n")
+    if not found:
+        raise KnnMoeError(f"calibration file {path} holds no text")

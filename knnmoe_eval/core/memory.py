@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from ..errors import KnnMoeError
 from .files import atomic_path, sha256_file, write_json_atomic
-from .sigma import layer_stats
+from .sigma import RadiusSpec, layer_stats
 
 FORMAT = "knnmoe-memory"
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum and is validated against its schema
@@ -148,7 +148,7 @@ def check_manifest(manifest, where: str) -> None:
 class LayerMemory:
     keys: torch.Tensor  # (n, d) fp16
     values: torch.Tensor  # (n, E) fp32
-    stats: dict  # mean_nn_sq_dist[_l2]: the basis of sigma=auto
+    stats: dict  # mean_nn_sq_dist[_l2]: the basis of sigma=auto; radius[_l2] when built with radius_quantile
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -179,6 +179,26 @@ class Memory:
             raise KnnMoeError(
                 f"{where}: the router weights of layers {changed} differ from this model's "
                 f"({signature.get('name_or_path')!r}), so its stored logits do not apply. Build a memory for this model."
+            )
+
+
+    @property
+    def build_preset(self) -> str:
+        """The preset the memory was built with (memories from before presets, or written directly: the paper)."""
+        return self.manifest.get("build", {}).get("preset", "paper")
+
+    def check_preset(self, preset: str) -> None:
+        """Refuse evaluating with a preset whose build side is not the one this memory was built with."""
+        from .options import BUILD_FIELDS, PRESETS
+
+        def build_side(name: str) -> dict:
+            return {k: v for k, v in PRESETS[name].items() if k in BUILD_FIELDS}
+
+        if build_side(preset) != build_side(self.build_preset):
+            raise KnnMoeError(
+                f"memory {self.path} was built with preset={self.build_preset}, but it is evaluated with "
+                f"preset={preset}: that preset's evaluation side expects a memory built its own way. Evaluate with "
+                f"preset={self.build_preset}, or build a memory with preset={preset}."
             )
 
 
@@ -241,11 +261,13 @@ def write_memory_streamed(
     signature: dict,
     build: dict | None = None,
     overwrite: bool = False,
+    radius: RadiusSpec | None = None,
 ) -> Path:
     """Write a complete memory layer by layer from row chunks: rows[layer] = (n, iterable of (keys, values)).
 
     Iterables are consumed one layer at a time (pass generators to read each layer's rows only when it is
-    written). The sigma statistics are then computed from the written, memory-mapped file.
+    written). The sigma statistics (and the confidence radius, `layer_stats`) are then computed from the
+    written, memory-mapped file.
     """
     out = Path(out_dir)
     if (out / MANIFEST).exists() and not overwrite:
@@ -267,7 +289,7 @@ def write_memory_streamed(
             "keys_dtype": "float16",
             "values_dtype": "float32",
             "sha256": digest,
-            **layer_stats(load_file(str(out / name))["keys"]),
+            **layer_stats(load_file(str(out / name))["keys"], radius, layer),
         }
     from .. import __version__
 
@@ -367,6 +389,12 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             raise KnnMoeError(f"{file}: keys must be float16 and values float32, found {keys.dtype}, {values.dtype}")
         if not (all_finite(keys) and all_finite(values)):
             raise KnnMoeError(f"{file} contains NaN or inf in its keys or values; rebuild the memory")
-        layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in ("mean_nn_sq_dist", "mean_nn_sq_dist_l2")})
+        for name in ("radius", "radius_l2"):  # optional: memories built with radius_quantile (preset=plus)
+            r = entry.get(name)
+            if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+                raise KnnMoeError(f"{out / MANIFEST}: layer {layer} has {name}={r!r}, not a positive number; "
+                                  "rebuild the memory")
+        stat_names = ("mean_nn_sq_dist", "mean_nn_sq_dist_l2", "radius", "radius_l2")
+        layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in stat_names if k in entry})
     return Memory(out, manifest, layers)
 

@@ -7,6 +7,10 @@ For one MoE layer and n tokens with router logits z and the k retrieved memory e
     lambda = mean_i s_i                                      confidence: ~1 on a stored key, -> 0 far away
     z'     = (1 - lambda) z + lambda z_mem                   then the model's own top-k gating runs on z'
 
+`confidence=radius` (beyond the paper) replaces the kernel by a calibrated cut-off: s_i = 1 if ||h - key_i|| <= r_l,
+else 0, with r_l the layer's radius from the memory's own leave-one-out distances (`memory.layer_stats`): a query
+as close to the memory as its keys are to each other takes the stored routing whole, anything farther is stock.
+
 Tokens with lambda == 0 get z back unchanged (not recomputed), which is what makes an empty or far-away memory
 reproduce the stock model bit for bit. Independent of models, families and lm-eval; `attach` calls it.
 """
@@ -33,6 +37,11 @@ def similarity(dist2: torch.Tensor, kind: str, two_sigma2: float, max_distance: 
     if max_distance is not None:
         s = torch.where(dist2 > max_distance**2, torch.zeros_like(s), s)
     return s
+
+
+def within_radius(dist2: torch.Tensor, radius: float) -> torch.Tensor:
+    """Similarities (n, k) of `confidence=radius`: 1 for neighbours within `radius` (same space as dist2), else 0."""
+    return (dist2 <= radius**2).to(dist2.dtype)
 
 
 def mix(z: torch.Tensor, values: torch.Tensor, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 `hf-knnmoe` model_args are split here into ours and lm-eval's `hf` ones; ours become one frozen options object
 that is validated once at load time and passed whole. Field metadata carries the help text (as peft configs do).
+A preset (`preset=plus`) only fills in the options not given explicitly: build options through `resolve` (as
+`split_model_args` and `attach` do), never `KnnMoeOptions(preset=...)` directly, which would not apply it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def _help(text: str, **kw) -> Any:
 
 @dataclass(frozen=True)
 class KnnMoeOptions:
+    preset: str = _help("paper: the paper's method | plus: our recipe (docs/plus.md). Sets the defaults of the options it names; an option given explicitly wins", default="paper")
     memory: str | None = _help("memory directory: read in eval mode, written in build mode", default=None)
     mode: str = _help("eval: route with the memory; build: teacher-force the task's gold answers into a memory", default="eval")
     # retrieval and mixing
@@ -31,6 +34,7 @@ class KnnMoeOptions:
     similarity: str = _help("rbf | rbf_l2 (rbf on L2-normalised vectors) | cosine", default="rbf")
     sigma: float | None = _help("RBF bandwidth; None/auto: 2*sigma^2 = the memory's mean squared NN distance", default=None)
     max_distance: float | None = _help("lambda = 0 for neighbours farther than this (off by default)", default=None)
+    confidence: str = _help("kernel: lambda = mean similarity (the paper) | radius: lambda = share of the k neighbours within the layer's calibrated radius (needs a memory built with radius_quantile; beyond the paper)", default="kernel")
     index: str = _help("exact (fp16 keys, exact search: the paper's default) | ivfpq (the paper's kNN-MoE (IVFPQ): PCA d/8, IVF, 8-bit scalar codes, nprobe 32, no re-ranking) | ivfpq_rerank (ours: PCA d/8, IVF, 32-byte PQ codes, nprobe 8, candidates re-ranked on the fp16 keys; faster on a CPU) | hnsw (re-ranked) | a faiss factory string (re-ranked); docs/retrieval.md", default="exact")
     nprobe: int | None = _help("IVF lists searched per query; None/auto: the index's own (ivfpq 32 as the paper, ivfpq_rerank and factory strings 8)", default=None)
     verify: bool = _help("check every memory file's sha256 when loading", default=True)
@@ -44,6 +48,12 @@ class KnnMoeOptions:
     loss: str = _help("sum: the NLL of every scored token, summed (Eq. 2; exact for one-token answers) | mean: each sequence's mean (steps shrink with the answer's length)", default="sum")
     grad: str = _help("paper: the router's own gradient; dense: straight-through dense mixture of all experts under the family's gating rule (beyond the paper)", default="paper")
     optimizer: str = _help("sgd (the paper's plain steps) | adam (beyond the paper; for steps > 1)", default="sgd")
+    free: str = _help("all: every position's logits are leaves (the paper) | kept: only the stored positions' logits move, so a value does not count on routing changes elsewhere that retrieval will not make (beyond the paper)", default="all")
+    keys: str = _help("stock: keys are router inputs under stock routing (the paper) | mixed: re-read after the steps with the stored positions routed by their values, as retrieval will route them (beyond the paper)", default="stock")
+    radius_quantile: float | None = _help("build: store each layer's confidence radius, radius_scale x this quantile of the keys' leave-one-out nearest-neighbour distances (off by default)", default=None)
+    radius_scale: float = _help("build: the radius as a multiple of that quantile", default=1.0)
+    calibration: str | None = _help("build: a file of text that is NOT the memory's domain (one text per line, or JSONL with a 'text' field; never test data): each layer's radius stays below the calibration_quantile of its tokens' distances to the nearest key", default=None)
+    calibration_quantile: float = _help("build: see calibration", default=0.001)
     positions: str = _help("answer: positions whose next token is in the gold continuation | all: every position after the first, each scored on its own next token (the paper's every time step)", default="answer")
     shard_tokens: int = _help("build: flush a shard to disk every this many stored positions (resume granularity)", default=50_000)
     labels: str | None = _help("build: teacher-force the answers of this labels file (python -m knnmoe_eval.harness.labels) instead of gold", default=None)
@@ -52,6 +62,8 @@ class KnnMoeOptions:
         def bad(name, why):
             raise KnnMoeError(f"model_arg {name}={getattr(self, name)!r}: {why}")
 
+        if self.preset not in PRESETS:
+            bad("preset", f"choose one of {', '.join(PRESETS)}")
         if self.mode not in get_args(Mode):
             bad("mode", "choose eval or build")
         if self.memory is None:
@@ -79,6 +91,24 @@ class KnnMoeOptions:
             bad("grad", "choose paper or dense")
         if self.optimizer not in ("sgd", "adam"):
             bad("optimizer", "choose sgd or adam")
+        if self.confidence not in ("kernel", "radius"):
+            bad("confidence", "choose kernel or radius")
+        if self.radius_quantile is not None and not (0 < self.radius_quantile <= 1):
+            bad("radius_quantile", "must be in (0, 1]")
+        if not (math.isfinite(self.radius_scale) and self.radius_scale > 0):
+            bad("radius_scale", "must be a finite number > 0")
+        if self.calibration is not None and self.mode != "build":
+            bad("calibration", "calibration text is read by mode=build only; the memory stores the radii it set")
+        if self.calibration is not None and self.radius_quantile is None:
+            bad("calibration", "calibration caps the confidence radius: give radius_quantile too (preset=plus does)")
+        if self.calibration is not None and not os.path.isfile(self.calibration):
+            bad("calibration", "no such file")
+        if not 0 <= self.calibration_quantile < 1:
+            bad("calibration_quantile", "must be in [0, 1)")
+        if self.free not in ("all", "kept"):
+            bad("free", "choose all or kept")
+        if self.keys not in ("stock", "mixed"):
+            bad("keys", "choose stock or mixed")
         if self.positions not in ("answer", "all"):
             bad("positions", "choose answer or all")
         if not (isinstance(self.shard_tokens, int) and self.shard_tokens >= 1):
@@ -96,31 +126,64 @@ class KnnMoeOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(KnnMoeOptions))
+BUILD_FIELDS = ("preset", "eta", "steps", "loss", "grad", "optimizer", "positions", "free", "keys", "radius_quantile",
+                "radius_scale")
+
+# What each preset sets; everything it does not name keeps the field's default (the paper's). Measured effects of
+# each plus ingredient: docs/plus.md.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "plus": {
+        # values: the dense straight-through gradient, 5 Adam steps of 5, only the stored positions' logits free,
+        # keys read under the routing the values will produce
+        "grad": "dense", "optimizer": "adam", "eta": 5.0, "steps": 5, "free": "kept", "keys": "mixed",
+        # confidence: lambda = 1 within twice the 99th percentile of the memory's own neighbour distances, kept
+        # clear of the calibration text's tokens when the user names some
+        "radius_quantile": 0.99, "radius_scale": 2.0, "confidence": "radius",
+    },
+}
+# ... and what a preset sets instead when the build names no calibration text: without that cap, twice the
+# quantile admitted in-domain tokens on both toys (in-domain accuracy 0.73 and 0.81, docs/plus.md)
+UNCALIBRATED: dict[str, dict[str, Any]] = {"plus": {"radius_scale": 1.0}}
 
 
-def default(name: str) -> Any:
-    """The default of option `name`: the runner, the demo and the docs read it from here, never restate it."""
+def default(name: str, preset: str = "paper") -> Any:
+    """The default of option `name` under `preset`: the runner, the demo and the docs read it from here."""
+    if name in PRESETS.get(preset, {}):
+        return PRESETS[preset][name]
     return next(f.default for f in fields(KnnMoeOptions) if f.name == name)
+
+
+def resolve(given: dict) -> KnnMoeOptions:
+    """Options from what the user gave: the preset's values fill in every option not given explicitly."""
+    preset = given.get("preset", "paper")
+    if preset not in PRESETS:
+        raise KnnMoeError(f"model_arg preset={preset!r}: choose one of {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **given}
+    if values.get("calibration") is None:
+        values = {**values, **UNCALIBRATED.get(preset, {}), **given}
+    return KnnMoeOptions(**values)
 
 
 def _coerce(name: str, value: Any) -> Any:
     """lm-eval parses model_args itself ("1" -> 1, "True" -> True); finish the job for our fields."""
     if name in ("sigma", "max_distance", "diagnostics", "memory", "labels", "nprobe", "selective_ppl",
-                "selective_fraction") and value in (None, "auto", "none", "None", ""):
+                "selective_fraction", "radius_quantile", "calibration") and value in (None, "auto", "none", "None", ""):
         return None
     if name in ("k", "steps", "nprobe", "shard_tokens"):
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
-    if name in ("sigma", "max_distance", "eta", "selective_ppl", "selective_fraction") and isinstance(value, (int, float, str)):
+    if name in ("sigma", "max_distance", "eta", "selective_ppl", "selective_fraction", "radius_quantile", "radius_scale",
+                "calibration_quantile") and isinstance(value, (int, float, str)):
         try:
             return float(value)
         except ValueError:
             raise KnnMoeError(f"model_arg {name}={value!r} is not a number") from None
     if name == "verify" and isinstance(value, str):
         return value.lower() not in ("false", "0", "no")
-    return str(value) if name in ("memory", "diagnostics", "index", "labels") else value
+    return str(value) if name in ("memory", "diagnostics", "index", "labels", "preset", "calibration") else value
 
 
 def split_model_args(kwargs: dict, passthrough: set[str]) -> tuple[KnnMoeOptions, dict]:
@@ -136,4 +199,4 @@ def split_model_args(kwargs: dict, passthrough: set[str]) -> tuple[KnnMoeOptions
             raise KnnMoeError(
                 f"unknown model_arg {name!r}; did you mean {close[0]!r}? hf-knnmoe options: {', '.join(OPTION_NAMES)}"
             )
-    return KnnMoeOptions(**ours), rest
+    return resolve(ours), rest

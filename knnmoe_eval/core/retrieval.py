@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,8 +24,8 @@ from .files import write_json_atomic
 from .hooks import hooked_routers
 from .index import l2_normalize
 from .memory import Memory, load_memory
-from .mixing import mix, similarity
-from .options import KnnMoeOptions
+from .mixing import mix, similarity, within_radius
+from .options import KnnMoeOptions, resolve
 from .sigma import two_sigma2
 from .signature import model_signature
 
@@ -66,10 +65,12 @@ class _LayerRetrieval:
             self.key_norm = knn_index.key_norms(self.keys, self.device)  # (n,)
             self.score_dtype = knn_index.score_dtype(self.key_norm)
         self.values = mem.values.to(self.device)  # (n, E) fp32
+        self.radius = mem.stats.get("radius_l2" if self.normalize else "radius")  # confidence=radius's cut-off
         # ivfpq returns its own distances (PCA space, 8-bit codes): its bandwidth is measured in that space
         in_index_space = None if self.plan.true_distances else (
             lambda: knn_index.index_nn_sq_dist(self.cpu_index, mem.keys, self.normalize))
-        self.two_sigma2 = two_sigma2(opts.similarity, opts.sigma, mem.stats, self.layer, memory.path, in_index_space)
+        self.two_sigma2 = 1.0 if opts.confidence == "radius" else two_sigma2(
+            opts.similarity, opts.sigma, mem.stats, self.layer, memory.path, in_index_space)
 
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances (m, k) fp32 and ids (m, k) of the k nearest keys to the queries q (m, d) fp32.
@@ -97,6 +98,7 @@ class Retriever:
                  sites: list[RouterSite] | None = None):
         self.sites = sites if sites is not None else find_routers(model)  # callers that already looked pass them
         memory.check_matches(model_signature(model, self.sites))
+        memory.check_preset(options.preset)
         self.options = options
         self.layers: dict[int, _LayerRetrieval] = {}
         host_keys = [memory.layers[s.layer].keys for s in self.sites if s.weight.device.type != "cuda"]
@@ -108,6 +110,11 @@ class Retriever:
             mem = memory.layers[site.layer]
             if len(mem) == 0:
                 continue  # nothing stored for this layer: its router runs as stock
+            if options.confidence == "radius" and mem.stats.get("radius") is None:
+                raise KnnMoeError(
+                    f"confidence=radius needs each layer's radius, and layer {site.layer} of {memory.path} has none: "
+                    "build the memory with radius_quantile=<q> (preset=plus does), or evaluate with confidence=kernel"
+                )
             if options.k > len(mem):
                 raise KnnMoeError(
                     f"k={options.k} but layer {site.layer} of memory {memory.path} holds only {len(mem)} keys; "
@@ -158,7 +165,11 @@ class Retriever:
             raise KnnMoeError(f"NaN in the router input of layer {site.layer}: the model's forward produced NaN")
         dist2, ids = layer.search(q, self.options.k)  # (m, k) each, on the layer's device
         dist2, ids = dist2.to(z.device), ids.to(z.device)
-        sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
+        if self.options.confidence == "radius":
+            radius = min(layer.radius, self.options.max_distance or float("inf"))
+            sims = within_radius(dist2, radius)
+        else:
+            sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
         z_sub = z if rows is None else z[rows]
         mixed, lam = mix(z_sub, layer.values[ids], sims)  # (m, E), (m,)
         if rows is None:
@@ -190,7 +201,7 @@ def attach(model: torch.nn.Module, memory: str | Path | Memory, **options) -> It
         print(retriever.diagnostics())
     """
     mem = memory if isinstance(memory, Memory) else load_memory(memory, verify=options.get("verify", True))
-    opts = replace(KnnMoeOptions(memory=str(mem.path)), **options)
+    opts = resolve({"memory": str(mem.path), **options})
     retriever = Retriever(model, mem, opts)
     with hooked_routers(retriever.sites, retriever, check_fired=False):
         yield retriever

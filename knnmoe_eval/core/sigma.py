@@ -7,8 +7,9 @@ manifest; `two_sigma2` turns them, or an explicit `sigma=`, into the kernel's 2 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -19,16 +20,16 @@ _SIGMA_SAMPLE = 2048  # queries used to estimate the mean nearest-neighbour dist
 _NN_ROWS = 4096  # keys per chunk of the nearest-neighbour statistics: 32 MB as float32 at d = 2048
 
 
-def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
-    """Mean squared distance from a key to its nearest other key, raw and between L2-normalised keys (sampled
-    queries, exact search); None below two keys.
+def sampled_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Squared distance from each of a sample of keys to its nearest *other* key (leave-one-out), raw and between
+    L2-normalised keys: two (s,) float64 tensors (sampled queries, exact search); None below two keys.
 
     One pass over the keys in chunks: both distances come from the same dot products,
     ||q - x||^2 = |q|^2 + |x|^2 - 2 q.x and ||q/|q| - x/|x|||^2 = 2 - 2 q.x / (|q| |x|).
     """
     n = keys.shape[0]
     if n < 2:
-        return None, None
+        return None
     rows = torch.from_numpy(np.random.default_rng(seed).choice(n, size=min(n, _SIGMA_SAMPLE), replace=False))
     q = keys[rows].float()  # (s, d)
     q_sq = q.pow(2).sum(-1, keepdim=True)  # (s, 1)
@@ -49,14 +50,63 @@ def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, f
         d2, order = d2.topk(2, dim=1, largest=False)
         ids = ids.gather(1, order)
         # the query itself is among the keys; an exact duplicate may come before it
-        other = torch.where(ids[:, 0] == rows, d2[:, 1], d2[:, 0])
-        out.append(float(other.double().mean()))
+        out.append(torch.where(ids[:, 0] == rows, d2[:, 1], d2[:, 0]).double())
     return out[0], out[1]
 
 
-def layer_stats(keys_fp16: torch.Tensor) -> dict:
-    raw, l2 = mean_nn_sq_dists(keys_fp16)
-    return {"mean_nn_sq_dist": raw, "mean_nn_sq_dist_l2": l2}
+def mean_nn_sq_dists(keys: torch.Tensor, seed: int = 0) -> tuple[float | None, float | None]:
+    """Mean squared distance from a key to its nearest other key, raw and L2-normalised; None below two keys."""
+    dists = sampled_nn_sq_dists(keys, seed)
+    return (None, None) if dists is None else (float(dists[0].mean()), float(dists[1].mean()))
+
+
+@dataclass(frozen=True)
+class RadiusSpec:
+    """How a build sets each layer's confidence radius (`confidence=radius`, beyond the paper)."""
+
+    quantile: float  # of the keys' leave-one-out nearest-neighbour distances
+    scale: float  # the radius as a multiple of that quantile
+    far: Mapping[int, torch.Tensor] | None = None  # layer -> (m, d) router inputs of text that is not this domain
+    far_quantile: float = 0.001  # ... the radius stays below this quantile of their distances to the nearest key
+
+
+def nearest_sq_dists(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance from each query (m, d) to its nearest key (n, d), raw and L2-normalised: two (m,) float64."""
+    q = queries.float()
+    q_sq = q.pow(2).sum(-1, keepdim=True)  # (m, 1)
+    q_norm = q_sq.sqrt().clamp_min(1e-12)
+    raw = torch.full((len(q),), float("inf"), dtype=torch.float64)
+    l2 = raw.clone()
+    for start in range(0, keys.shape[0], _NN_ROWS):
+        x = keys[start : start + _NN_ROWS].float()  # (c, d)
+        x_sq = x.pow(2).sum(-1)  # (c,)
+        dots = q @ x.T  # (m, c)
+        raw = torch.minimum(raw, (q_sq + x_sq - 2 * dots).clamp_min(0).min(1).values.double())
+        l2 = torch.minimum(l2, (2 - 2 * dots / (q_norm * x_sq.sqrt().clamp_min(1e-12))).clamp_min(0).min(1).values.double())
+    return raw, l2
+
+
+def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer: int | None = None) -> dict:
+    """The sigma statistics and, when `radius` is given, the layer's confidence radius (raw and between
+    L2-normalised keys): scale x the quantile of the keys' leave-one-out nearest-neighbour distance, capped, when
+    not-this-domain router inputs are given, at the far_quantile of their distances to the nearest key."""
+    dists = sampled_nn_sq_dists(keys_fp16)
+    stats = {"mean_nn_sq_dist": None, "mean_nn_sq_dist_l2": None}
+    if dists is not None:
+        stats = {"mean_nn_sq_dist": float(dists[0].mean()), "mean_nn_sq_dist_l2": float(dists[1].mean())}
+    if radius is None or dists is None:
+        return stats
+    far = None
+    if radius.far is not None and len(radius.far[layer]):
+        far = nearest_sq_dists(radius.far[layer], keys_fp16)
+    for i, name in enumerate(("radius", "radius_l2")):
+        r = radius.scale * float(torch.quantile(dists[i], radius.quantile).sqrt())
+        if far is not None:
+            cap = float(torch.quantile(far[i], radius.far_quantile).sqrt())
+            stats[f"{name}_far_cap"] = cap
+            r = min(r, cap)
+        stats[name] = r
+    return stats
 
 
 def two_sigma2(similarity: str, sigma: float | None, stats: dict, layer: int, path: Path,

@@ -6,7 +6,8 @@ perplexity bucket, and Selective · cost: build time of kNN-MoE against LoRA and
 time · latency: evaluation time and peak memory against N for the exact and IVFPQ indexes · unlabelled: memories
 built from self- or judge-labelled references against gold labels (beyond the paper) · load_balance: the family's
 load-balancing loss on the test prompts per method (Table 11) · seeds: mean and std of the SFT baselines over
-training seeds (Appendix D).
+training seeds (Appendix D) · plus: `preset=plus` with one ingredient at a time put back to the paper's setting
+(beyond the paper, docs/plus.md).
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from pathlib import Path
 import numpy as np
 
 from ..core.files import write_json_atomic
+from ..core.options import default
 from ..errors import KnnMoeError
-from .runner import BENCHMARKS, DENSE
+from .runner import BENCHMARKS, DENSE, PLUS
 from .significance import BUCKETS, perplexity_buckets
+
+# preset=plus without one ingredient: (build overrides, evaluation overrides), each the paper's own setting
+PLUS_INGREDIENTS = {
+    "grad=dense": ({"grad": "paper"}, {}),
+    "Adam, T 30, lr 1": ({"optimizer": "sgd", "steps": 1, "eta": default("eta")}, {}),
+    "free=kept": ({"free": "all"}, {}),
+    "keys=mixed": ({"keys": "stock"}, {}),
+    "confidence=radius": ({}, {"confidence": "kernel"}),
+}
 
 
 def run(runner, name: str) -> str:
@@ -102,6 +113,7 @@ def _cost(runner, benches):
         ("kNN-MoE", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b)),
         ("kNN-MoE (IVFPQ)", lambda b: _build_s(runner.memory(b)), runner.knn_ivfpq),
         ("kNN-MoE (grad=dense)", lambda b: _build_s(runner.memory(b, **DENSE)), runner.knn_dense),
+        ("kNN-MoE (plus)", lambda b: _build_s(runner.memory(b, **PLUS)), runner.knn_plus),
         ("LoRA SFT", lambda b: _train_s(runner.adapter(b, "lora")), None),
         ("Router-only SFT", lambda b: _train_s(runner.adapter(b, "router")), None),
         ("Zero-shot", lambda b: 0.0, lambda b: runner.zero_shot(b)),
@@ -243,9 +255,24 @@ def _seeds(runner, benches):
     return rows, "benchmark", "LoRA SFT mean", "bar"
 
 
+def _plus(runner, benches):
+    """preset=plus, then the same with one ingredient at a time back at the paper's setting, and the paper."""
+    rows = [{"kNN-MoE": "paper", **_accuracy_row({b.name: runner.knn(b) for b in benches})},
+            {"kNN-MoE": "plus", **_accuracy_row({b.name: runner.knn_plus(b) for b in benches})}]
+    ingredients = dict(PLUS_INGREDIENTS)
+    if runner.settings.calibration:
+        ingredients["calibration"] = ({"calibration": None}, {})
+    for name, (build, options) in ingredients.items():
+        records = {b.name: runner.knn(b, f"ablate-plus/without-{re.sub(r'[^a-z0-9]+', '-', name.lower())}",
+                                      build={**PLUS, **build}, **PLUS, **options) for b in benches}
+        rows.append({"kNN-MoE": f"plus − {name}", **_accuracy_row(records)})
+    return rows, "kNN-MoE", "Avg.", "bar"
+
+
 # name -> (runner, benchmarks) -> (rows, x column, y column, plot kind), in the order `ablate` runs them
 ABLATIONS = {"n": _n, "k": _k, "steps": _steps, "similarity": _similarity, "ppl": _ppl, "cost": _cost,
-             "latency": _latency, "unlabelled": _unlabelled, "load_balance": _load_balance, "seeds": _seeds}
+             "latency": _latency, "unlabelled": _unlabelled, "load_balance": _load_balance, "seeds": _seeds,
+             "plus": _plus}
 
 
 def _markdown(rows: list[dict]) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..benchmarks.data import SPLITS
 from ..core.files import write_json_atomic
-from ..core.options import default
+from ..core.options import PRESETS, default
 from ..errors import KnnMoeError
 from .significance import paired_bootstrap
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DENSE = {"grad": "dense"}  # the build settings of the `grad=dense` rows
+PLUS = {"preset": "plus"}  # the build and evaluation setting of the `preset=plus` rows (docs/plus.md)
+PLUS = {"preset": "plus"}  # the build and evaluation setting of the `preset=plus` rows (docs/plus.md)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class Settings:
     judge: str | None = _opt(None, "unlabelled ablation's labeller: knn-dense, or an lm-eval model spec MODEL:ARGS")
     cache: str = _opt(".cache", "where the toy model is cached")
     seeds: tuple[int, ...] = _opt((0, 1, 2), "seeds ablation: SFT training seeds (paper Appendix D)")
+    calibration: str | None = _opt(None, "preset=plus builds: a file of text that is not the benchmarks' domain "
+                                         "(never test data), e.g. a toy's data/train.jsonl; docs/plus.md")
     # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md)
     n_values: tuple[int | None, ...] = _opt((0, 1_000, 10_000, None), "N ablation grid; 'all' = the whole reference set")
     k_values: tuple[int, ...] = _opt((1, 2, 4, 8), "k ablation grid")
@@ -207,10 +211,14 @@ class Runner:
 
     def memory(self, bench: Benchmark, *, n: int | None = None, **build) -> Path:
         """The kNN-MoE memory of `bench` built from its first `n` references (all by default) through lm-eval."""
-        build = {"eta": self.settings.eta, "steps": self.settings.steps, "grad": "paper", **build}
+        if build.get("preset", "paper") == "paper":  # the runner's η and T are the paper rows'; a preset has its own
+            build = {"eta": self.settings.eta, "steps": self.settings.steps, "grad": "paper", **build}
+        elif self.settings.calibration:
+            build = {"calibration": self.settings.calibration, **build}
         n = self.settings.ref_limit if n is None else n
         name = "-".join([bench.name, f"n{n if n is not None else 'all'}"] +
-                        [f"{k}{Path(str(v)).stem if k == 'labels' else v}" for k, v in sorted(build.items())] +
+                        [f"{k}{Path(str(v)).stem if k in ('labels', 'calibration') else v}"
+                         for k, v in sorted(build.items()) if v is not None] +
                         (["chat"] if self.settings.apply_chat_template else []))
         path = self.out / "memories" / name
         if not (path / "manifest.json").exists():
@@ -323,6 +331,9 @@ class Runner:
     def knn_ivfpq(self, bench: Benchmark) -> dict:
         return self.knn(bench, "knn-ivfpq", index="ivfpq")
 
+    def knn_plus(self, bench: Benchmark) -> dict:
+        return self.knn(bench, "knn-plus", build=PLUS, **PLUS)
+
     def knn_dense(self, bench: Benchmark) -> dict:
         return self.knn(bench, "knn-dense", build=DENSE)
 
@@ -352,6 +363,7 @@ class Runner:
         methods["kNN-MoE (IVFPQ)"] = lambda: self.knn_ivfpq(bench)
         methods["kNN-MoE (Selective)"] = lambda: self.selective(bench)
         methods["kNN-MoE (grad=dense)"] = lambda: self.knn_dense(bench)
+        methods["kNN-MoE (plus)"] = lambda: self.knn_plus(bench)
         methods["C3PO"] = lambda: self.c3po(bench)
         rows = {}
         for name, run in methods.items():
@@ -406,8 +418,10 @@ def table(runner: Runner) -> dict:
                                   "significant": p is not None and p < 0.05}
     errors = {f"{m} on {b}": per_bench[b][m]["error"] for m in methods for b in s.benchmarks
               if "error" in per_bench[b].get(m, {})}
-    notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = {default('positions')}; k = {s.k}, similarity = "
-             f"{default('similarity')} (hf-knnmoe's defaults unless set)."]
+    notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = "
+             f"{default('positions')}; k = {s.k}, similarity = {default('similarity')} (hf-knnmoe's defaults unless set).",
+             f"kNN-MoE (plus): preset=plus ({', '.join(f'{k} = {v}' for k, v in PRESETS['plus'].items())}), "
+             f"calibration text: {s.calibration or 'none (radius_scale = 1)'}; docs/plus.md."]
     from ..benchmarks.fewshot import QWEN3
 
     encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks

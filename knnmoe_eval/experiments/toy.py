@@ -48,6 +48,8 @@ MANIFEST = "toy.json"
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 _MARKERS = "ABCDEFGH"
 SHIFT_MARKER = "X"
+_FAMILIES = ("olmoe", "qwen3_moe", "mixtral")
+_LATER_FIELDS = {"family": "olmoe"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ToyConfig:
     n_indomain_test: int = field(default=400, metadata={"help": "in-domain test items (balanced over domains)"})
     n_shift_ref: int = field(default=200, metadata={"help": "shifted-domain reference items (memory build)"})
     n_shift_test: int = field(default=400, metadata={"help": "shifted-domain test items"})
+    family: str = field(default="olmoe", metadata={"help": "olmoe | qwen3_moe (norm_topk_prob) | mixtral: the MoE family"})
     hidden_size: int = 64
     intermediate_size: int = field(default=64, metadata={"help": "per-expert MLP width"})
     n_layers: int = 2
@@ -86,11 +89,15 @@ class ToyConfig:
                 f"n_experts ({self.n_experts}) must split into n_domains ({self.n_domains}) groups of >= top_k"
                 f" ({self.top_k}) experts"
             )
+        if self.family not in _FAMILIES:
+            raise KnnMoeError(f"family must be one of {', '.join(_FAMILIES)}, got {self.family!r}")
         if not 1 <= self.min_pairs <= self.max_pairs:
             raise KnnMoeError(f"need 1 <= min_pairs <= max_pairs, got {self.min_pairs}, {self.max_pairs}")
 
     def key(self) -> str:
-        blob = json.dumps({"format": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
+        # fields added after the first toys leave the key of a config that keeps their default unchanged
+        fields_ = {k: v for k, v in asdict(self).items() if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        blob = json.dumps({"format": FORMAT_VERSION, **fields_}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -110,6 +117,12 @@ class Rules:
     def source(self, marker: str, symbol: str) -> int:
         """The training domain whose rule answers `symbol` after `marker`."""
         return self.shift_domain(symbol) if marker == SHIFT_MARKER else self.markers.index(marker)
+
+
+# The generalisation toy of docs/plus.md, fixed before the `preset=plus` recipe was tuned on the README's toy:
+# another seed, twice the layers, a renormalising family (Qwen3-MoE with norm_topk_prob), six training domains
+# (six-way questions, twelve experts) over a larger alphabet.
+SECOND_TOY = ToyConfig(seed=1, family="qwen3_moe", n_layers=4, n_domains=6, n_experts=12, n_symbols=20, steps=800)
 
 
 def make_rules(config: ToyConfig) -> Rules:
@@ -168,15 +181,18 @@ def generate_splits(config: ToyConfig) -> dict[str, list[dict]]:
 def make_model_config(config: ToyConfig):
     from knnmoe_eval.testing import tiny_config
 
+    experts = {"num_local_experts": config.n_experts} if config.family == "mixtral" else {"num_experts": config.n_experts}
+    if config.family == "qwen3_moe":
+        experts["moe_intermediate_size"] = config.intermediate_size
     return tiny_config(
-        "olmoe",
+        config.family,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_heads,
         head_dim=config.hidden_size // config.n_heads,
-        num_experts=config.n_experts,
+        **experts,
         num_experts_per_tok=config.top_k,
         router_aux_loss_coef=config.aux_loss_coef,
         max_position_embeddings=max(64, 3 * config.max_pairs + 4),

@@ -22,7 +22,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..core.build import MemoryBuilder
+from ..core.build import MemoryBuilder, read_texts
 from ..core.families import find_routers
 from ..core.hooks import hooked_routers
 from ..core.memory import load_memory
@@ -96,7 +96,11 @@ class KnnMoeLM(HFLM):
             return self._selective(super().loglikelihood, requests, disable_tqdm)
         # build mode: the requests are the reference set; their results are the stock loglikelihoods
         sequences = reference_sequences(self, requests, self.knn.labels)
-        results = self.builder.build(sequences, self.tokenizer.pad_token_id or 0, self._build_batch_size(),
+        pad_id, batch = self.tokenizer.pad_token_id or 0, self._build_batch_size()
+        if self.knn.calibration and self.rank == 0:  # not-this-domain text: what each layer's radius stays clear of
+            texts = read_texts(self.knn.calibration)
+            self.builder.read_calibration((self.tok_encode(t)[-self.max_length:] for t in texts), pad_id, batch)
+        results = self.builder.build(sequences, pad_id, batch,
                                      barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None)
         return [results[(r.task_name, r.doc_id, r.idx)] for r in requests]
 

@@ -1,0 +1,211 @@
+"""preset=plus and its ingredients: preset resolution, the manifest's build preset, the calibrated radius, the
+stored-positions-only leaves and the keys read under the optimised routing."""
+
+import json
+
+import pytest
+import torch
+from conftest import router_inputs, signature
+
+from knnmoe_eval import KnnMoeError
+from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
+from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.gradient import optimise_logits
+from knnmoe_eval.core.memory import load_memory
+from knnmoe_eval.core.mixing import mix, within_radius
+from knnmoe_eval.core.options import PRESETS, UNCALIBRATED, default, resolve, split_model_args
+from knnmoe_eval.core.retrieval import attach
+from knnmoe_eval.core.sigma import RadiusSpec, layer_stats
+from knnmoe_eval.testing import make_tiny_model
+
+
+def sequences(n=6, length=9, n_cont=1):
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
+        out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
+    return out
+
+
+def build(model, path, **given):
+    b = MemoryBuilder(model, find_routers(model), signature(model), resolve({"memory": str(path), "mode": "build", **given}))
+    b.run(sequences(), pad_id=0, batch_size=3)
+    b.finalize()
+    return load_memory(path)
+
+
+def test_preset_sets_defaults_and_explicit_options_win():
+    plus, _ = split_model_args({"preset": "plus", "memory": "m", "mode": "build", "calibration": __file__}, set())
+    assert {k: getattr(plus, k) for k in PRESETS["plus"]} == PRESETS["plus"]
+    # without calibration text to cap it, the preset's radius is narrower; an explicit radius_scale still wins
+    bare, _ = split_model_args({"preset": "plus", "memory": "m"}, set())
+    assert bare.radius_scale == UNCALIBRATED["plus"]["radius_scale"] != plus.radius_scale
+    assert split_model_args({"preset": "plus", "memory": "m", "radius_scale": "3"}, set())[0].radius_scale == 3.0
+    # lm-eval hands model_args over as strings or parsed numbers: explicit ones win over the preset either way
+    mine, _ = split_model_args({"preset": "plus", "memory": "m", "steps": "3", "confidence": "kernel"}, set())
+    assert (mine.steps, mine.confidence, mine.grad) == (3, "kernel", "dense")
+    paper, _ = split_model_args({"memory": "m", "grad": "dense"}, set())
+    assert (paper.preset, paper.grad, paper.steps, paper.confidence) == ("paper", "dense", 1, "kernel")
+    assert default("steps", "plus") == PRESETS["plus"]["steps"] and default("steps") == 1
+    with pytest.raises(KnnMoeError, match="preset='best'"):
+        split_model_args({"preset": "best", "memory": "m"}, set())
+
+
+def test_paper_preset_builds_the_memory_a_build_without_preset_builds(tmp_path):
+    model = make_tiny_model("olmoe")
+    plain = build(model, tmp_path / "plain")
+    paper = build(model, tmp_path / "paper", preset="paper")
+    for layer in plain.layers:
+        name = plain.manifest["layers"][str(layer)]["file"]
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "paper" / name).read_bytes()
+    strip = lambda m: {k: v for k, v in m.items() if k != "created"}  # noqa: E731
+    assert strip(plain.manifest) == strip(paper.manifest)
+    assert "radius" not in plain.manifest["layers"][str(layer)]
+
+
+def test_plus_memory_records_its_preset_and_refuses_another(tmp_path):
+    model = make_tiny_model("olmoe")
+    memory = build(model, tmp_path / "plus", preset="plus", steps=2)
+    assert memory.manifest["build"]["preset"] == "plus" and memory.manifest["build"]["steps"] == 2
+    with pytest.raises(KnnMoeError, match="built with preset=plus.*evaluated with preset=paper"):
+        with attach(model, memory):
+            pass
+    paper = build(model, tmp_path / "paper")
+    with pytest.raises(KnnMoeError, match="built with preset=paper.*evaluated with preset=plus"):
+        with attach(model, paper, preset="plus"):
+            pass
+    with pytest.raises(KnnMoeError, match="confidence=radius needs each layer's radius"):
+        with attach(model, paper, confidence="radius"):
+            pass
+    with attach(model, memory, preset="plus") as retriever:
+        model(torch.tensor([sequences(1)[0].tokens]))
+    assert retriever.diagnostics()
+
+
+def test_radius_mixes_a_stored_key_whole_and_leaves_far_tokens_stock():
+    """Within the radius lambda is exactly 1 (z' = the stored value), beyond it the logits are returned as is."""
+    dist2 = torch.tensor([[0.25], [4.0]])  # distances 0.5 and 2.0
+    sims = within_radius(dist2, radius=1.0)
+    z, values = torch.randn(2, 8), torch.randn(2, 1, 8)  # fp32, as mix computes: exact equality is the claim
+    mixed, lam = mix(z, values, sims)
+    assert lam.tolist() == [1.0, 0.0]
+    assert torch.equal(mixed[0], values[0, 0]) and torch.equal(mixed[1], z[1])
+
+
+def test_radius_is_the_scaled_leave_one_out_quantile_capped_by_far_text():
+    keys = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [3.0, 4.0]], dtype=torch.float16)
+    loo = torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64)  # each key's distance to its nearest other key
+    stats = layer_stats(keys, RadiusSpec(quantile=0.5, scale=2.0), layer=0)
+    # the quantile is taken of the squared distances (as the statistics store them), then square-rooted
+    assert stats["radius"] == pytest.approx(2.0 * float(torch.quantile(loo**2, 0.5).sqrt()), rel=1e-6)
+    assert layer_stats(keys, RadiusSpec(quantile=1.0, scale=2.0), layer=0)["radius"] == pytest.approx(8.0, rel=1e-6)
+    far = {0: torch.tensor([[0.0, 1.2], [10.0, 10.0]], dtype=torch.float16)}  # nearest keys at 1.2 and ~9.2
+    capped = layer_stats(keys, RadiusSpec(0.5, 2.0, far, far_quantile=0.0), layer=0)
+    assert capped["radius"] == pytest.approx(1.2, rel=1e-3) and capped["radius_far_cap"] == capped["radius"]
+
+
+def _batch():
+    seqs = sequences(3)
+    width = max(len(s.tokens) for s in seqs)
+    inputs, targets = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
+    scored = torch.zeros(3, width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s.tokens)], targets[i, : len(s.tokens)] = torch.tensor(s.tokens), torch.tensor(s.targets)
+        scored[i, len(s.tokens) - 1] = True
+    return inputs, targets, scored
+
+
+@pytest.mark.parametrize("grad", ["paper", "dense"])
+def test_free_kept_moves_only_the_stored_positions(grad):
+    """The other positions' logits never move (they are the stock logits), over several steps; after one step the stored positions' values are
+    those of free=all (their first gradient does not depend on the others)."""
+    model = make_tiny_model("olmoe")
+    sites = find_routers(model)
+    inputs, targets, scored = _batch()
+    rows = scored.reshape(-1)
+    args = (model, sites, inputs, targets, scored, scored)
+    stock_h = router_inputs(model, inputs)
+    # free=kept steps from the prefix's key/value cache, so the sums run in another order: fp32 tolerance
+    same = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
+    every = optimise_logits(*args, eta=50.0, grad=grad)
+    kept = optimise_logits(*args, eta=50.0, grad=grad, free="kept")
+    several = optimise_logits(*args, eta=50.0, steps=3, grad=grad, free="kept")
+    for s in sites:
+        assert same(kept.values[s.layer][rows], every.values[s.layer][rows])
+        assert not torch.equal(kept.values[s.layer][rows], s.logits(stock_h[s.layer])[rows].float())
+        for result in (kept, several):  # the prefix's own forward: the same logits up to fp32 summation order
+            assert torch.allclose(result.values[s.layer][~rows], s.logits(stock_h[s.layer])[~rows].float(),
+                                  rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_free_kept_steps_from_the_prefix_cache_as_from_the_whole_sequence(family, monkeypatch):
+    """Under free=kept the steps run only the columns from the first stored position on, from the prefix's
+    key/value cache: the same keys, values and losses as recomputing every position each step (fp32 tolerance)."""
+    import knnmoe_eval.core.gradient as gradient
+
+    model = make_tiny_model(family)
+    sites = find_routers(model)
+    inputs, targets, scored = _batch()
+    assert gradient.shared_prefix(scored) > 0
+    kw = dict(eta=5.0, steps=3, grad="dense", optimizer="adam", free="kept", keys="mixed")
+    cached = optimise_logits(model, sites, inputs, targets, scored, scored, **kw)
+    monkeypatch.setattr(gradient, "shared_prefix", lambda scored: 0)
+    whole = optimise_logits(model, sites, inputs, targets, scored, scored, **kw)
+    assert cached.losses == pytest.approx(whole.losses, rel=1e-5)
+    for s in sites:
+        for a, b in ((cached.keys, whole.keys), (cached.values, whole.values)):
+            assert a[s.layer].shape == b[s.layer].shape
+            assert torch.allclose(a[s.layer], b[s.layer], rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_keys_are_router_inputs_under_the_stored_routing():
+    model = make_tiny_model("olmoe")
+    sites = find_routers(model)
+    inputs, targets, scored = _batch()
+    rows = scored.reshape(-1)
+    stock = optimise_logits(model, sites, inputs, targets, scored, scored, eta=50.0)
+    mixed = optimise_logits(model, sites, inputs, targets, scored, scored, eta=50.0, keys="mixed")
+    assert torch.equal(stock.keys[sites[0].layer], router_inputs(model, inputs)[sites[0].layer])
+    # the first layer's input does not depend on routing; a later layer's does, from the next position on (causal)
+    assert torch.equal(mixed.keys[sites[0].layer], stock.keys[sites[0].layer])
+    assert not torch.allclose(mixed.keys[sites[1].layer][rows], stock.keys[sites[1].layer][rows])
+
+    def route_by_values(site, h, z):  # an independent replay: the stored positions take their values
+        return torch.where(rows[:, None], mixed.values[site.layer].to(z.dtype), z)
+
+    from knnmoe_eval.core.hooks import hooked_routers
+
+    seen = {}
+    with torch.no_grad(), hooked_routers(sites, lambda site, h, z: (seen.__setitem__(site.layer, h.clone()),
+                                                                     route_by_values(site, h, z))[1]):
+        model(inputs)
+    for s in sites:
+        assert torch.equal(mixed.keys[s.layer], seen[s.layer])
+
+
+def test_calibration_text_caps_the_stored_radius(tmp_path):
+    """The build reads the calibration text's router inputs and stores each layer's radius at most the chosen
+    quantile of their distances to the nearest key; the manifest records the file's sha256."""
+    from knnmoe_eval.core.build import read_texts
+
+    text = tmp_path / "far.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("A: ab c", "B: ba cd e", "C: x")))
+    assert list(read_texts(str(text))) == ["A: ab c", "B: ba cd e", "C: x"]
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(KnnMoeError, match="needs a 'text' field"):
+        list(read_texts(str(tmp_path / "bad.jsonl")))
+    model = make_tiny_model("olmoe")
+    opts = resolve({"memory": str(tmp_path / "mem"), "mode": "build", "preset": "plus", "calibration": str(text),
+                    "calibration_quantile": 0.0})
+    b = MemoryBuilder(model, find_routers(model), signature(model), opts)
+    b.run(sequences(), pad_id=0, batch_size=3)
+    b.read_calibration(([1] + [ord(c) + 4 for c in t] for t in read_texts(str(text))), pad_id=0, batch_size=2)
+    b.finalize()
+    memory = load_memory(tmp_path / "mem")
+    assert memory.manifest["build"]["calibration"]["quantile"] == 0.0 and opts.radius_scale == 2.0
+    for layer, lm in memory.layers.items():
+        nearest = torch.cdist(b.far[layer].float(), lm.keys.float()).min()  # quantile 0: the nearest token
+        cap = memory.manifest["layers"][str(layer)]["radius_far_cap"]
+        assert cap == pytest.approx(float(nearest), rel=1e-3) and lm.stats["radius"] <= cap
