@@ -153,7 +153,7 @@ def test_selective_option_equals_the_stitched_runs(toy_dir, tmp_path):
     memory, ppl = runner.memory(bench), runner.perplexity(bench)
 
     def logliks(lm):
-        samples = runner._evaluate(lm, bench.test, runner.s.limit)["samples"][bench.test]
+        samples = runner._evaluate(lm, bench.test, runner.settings.limit)["samples"][bench.test]
         return np.array([[r[0][0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])])
 
     zero, knn = logliks(runner.base), logliks(runner.knn_lm(memory, k=1))

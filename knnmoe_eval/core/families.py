@@ -547,7 +547,9 @@ def find_routers(model: nn.Module, check: bool = True) -> list[RouterSite]:
     for name, module in model.named_modules():
         if type(module).__name__ == family.router_class:
             layer_name, layer = _decoder_layer(name)
-            sites.append(RouterSite(layer, name, module, model.get_submodule(name.rsplit(".", 1)[0]),
+            # a peft-wrapped router (LoRA on its weight) sits at <block>.<router>.base_layer
+            block_name = name.rsplit(".", 2 if name.endswith(".base_layer") else 1)[0]
+            sites.append(RouterSite(layer, name, module, model.get_submodule(block_name),
                                     model.get_submodule(layer_name), layer_name, family))
     if not sites:
         raise KnnMoeError(
