@@ -131,6 +131,20 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(model_dir, tmp_path):
 
 
 @pytest.mark.e2e
+def test_cpu_training_does_not_depend_on_the_thread_count(model_dir, tmp_path):
+    pretrained, threads = model_dir("olmoe"), torch.get_num_threads()
+    try:
+        for n in (1, 2):  # as under OMP_NUM_THREADS=1 and 2
+            torch.set_num_threads(n)
+            sft(pretrained, tmp_path / str(n), "lora", epochs=2)
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (load_file(tmp_path / str(n) / "adapter_model.safetensors") for n in (1, 2))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.e2e
 def test_finished_run_is_reused_without_training_and_other_settings_refused(trained, monkeypatch):
     pretrained, out, summary = trained("olmoe", "router")
 

@@ -98,12 +98,20 @@ def test_train_or_load_caches_by_config(toy_dir, monkeypatch):
     ]
 
 
-def test_training_is_deterministic():
+def test_training_is_deterministic_at_any_thread_count():
     import torch
 
     texts = [r["text"] for r in toy.generate_splits(SMALL)["train"]]
-    first, _, loss_a = toy.train(SMALL, texts, progress=False)
-    second, _, loss_b = toy.train(SMALL, texts, progress=False)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):  # as under OMP_NUM_THREADS=1 and 2
+            torch.set_num_threads(n)
+            runs.append(toy.train(SMALL, texts, progress=False))
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    (first, _, loss_a), (second, _, loss_b) = runs
     assert loss_a == loss_b
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name

@@ -134,8 +134,7 @@ def check_manifest(manifest, where: str) -> None:
         bad("model.top_k", f"is {model['top_k']} but must be <= model.num_experts ({model['num_experts']})")
     ids = sorted(str(layer) for layer in model["moe_layers"])
     # a dropped fingerprint would silently skip that layer's check against the model
-    for name in ("model.router_fingerprints", "layers"):
-        found = model["router_fingerprints"] if name != "layers" else manifest["layers"]
+    for name, found in (("model.router_fingerprints", model["router_fingerprints"]), ("layers", manifest["layers"])):
         if sorted(found) != ids:
             bad(name, f"has entries for layers {sorted(found)} but must have one for each of model.moe_layers {ids}")
     for layer in ids:

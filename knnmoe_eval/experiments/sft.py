@@ -247,7 +247,24 @@ def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Litera
 
     `stop_after_epochs` stops after that many epochs as an interruption would, leaving only the checkpoint
     (for resume tests and time-boxed runs); a rerun without it finishes the same run.
+
+    On the CPU the run uses one thread whatever OMP_NUM_THREADS says: sums split over more threads round
+    differently and training turns that into another adapter, so a baseline's figures (the toy's Table 1) would
+    depend on the machine's thread count. On a GPU the CPU threads do not touch the numbers and stay as they are.
     """
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _train_sft(pretrained, tasks, out, method, include_path=include_path, metadata=metadata, limit=limit,
+                          seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, val_frac=val_frac, lora_r=lora_r,
+                          device=device, dtype=dtype, progress=progress, stop_after_epochs=stop_after_epochs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit, seed, epochs, lr, batch_size,
+               val_frac, lora_r, device, dtype, progress, stop_after_epochs) -> dict:
     if method not in METHODS:
         raise KnnMoeError(f"unknown SFT method {method!r}; choose one of {', '.join(METHODS)}")
     if epochs < 1 or batch_size < 1 or lora_r < 1:

@@ -50,6 +50,7 @@ _MARKERS = "ABCDEFGH"
 SHIFT_MARKER = "X"
 _FAMILIES = ("olmoe", "qwen3_moe", "mixtral")
 _LATER_FIELDS = {"family": "olmoe"}
+TRAIN_THREADS = 1  # see train(): the toy's weights must not depend on the machine's thread count
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,24 @@ def _route_loss(router_logits, groups, keep):
 
 
 def train(config: ToyConfig, train_texts: list[str], progress: bool = True):
-    """Train the toy OLMoE from scratch on image tokens only; returns (model, tokenizer, final loss)."""
+    """Train the toy OLMoE from scratch on image tokens only; returns (model, tokenizer, final loss).
+
+    Training runs on TRAIN_THREADS CPU threads whatever OMP_NUM_THREADS says: sums split over more threads round
+    differently, and training turns a last-bit difference into another model (2 threads give other weights than
+    1 after 40 steps), so every figure measured on the toy would depend on the machine's thread count. A model
+    this small gains little from threads.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TRAIN_THREADS)
+    try:
+        return _train(config, train_texts, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(config: ToyConfig, train_texts: list[str], progress: bool):
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -321,8 +339,6 @@ def train_or_load(cache_dir: str | Path, config: ToyConfig | None = None, progre
     The directory is HF-loadable (`from_pretrained(dir)`, `lm_eval --model_args pretrained=dir`) and holds the
     splits in `data/<split>.jsonl`. The manifest `toy.json` is written last, so its presence means complete.
     """
-    import torch
-
     config = config or ToyConfig()
     out = Path(cache_dir) / f"toy-{config.key()}"
     if is_toy_dir(out):
@@ -348,7 +364,7 @@ def train_or_load(cache_dir: str | Path, config: ToyConfig | None = None, progre
             "rules": {**asdict(make_rules(config)), "shift_marker": SHIFT_MARKER},
             "splits": {s: len(r) for s, r in splits.items()},
             "train_seconds": round(seconds, 1),
-            "train_threads": torch.get_num_threads(),
+            "train_threads": TRAIN_THREADS,
             "final_train_ce": loss,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
