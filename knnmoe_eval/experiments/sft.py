@@ -258,13 +258,14 @@ def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Litera
     try:
         return _train_sft(pretrained, tasks, out, method, include_path=include_path, metadata=metadata, limit=limit,
                           seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, val_frac=val_frac, lora_r=lora_r,
-                          device=device, dtype=dtype, progress=progress, stop_after_epochs=stop_after_epochs)
+                          device=device, dtype=dtype, progress=progress, prompt=prompt,
+                          stop_after_epochs=stop_after_epochs)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit, seed, epochs, lr, batch_size,
-               val_frac, lora_r, device, dtype, progress, stop_after_epochs) -> dict:
+               val_frac, lora_r, device, dtype, progress, prompt, stop_after_epochs) -> dict:
     if method not in METHODS:
         raise KnnMoeError(f"unknown SFT method {method!r}; choose one of {', '.join(METHODS)}")
     if epochs < 1 or batch_size < 1 or lora_r < 1:
