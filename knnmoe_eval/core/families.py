@@ -21,6 +21,7 @@ refused at load, naming the family, the version and the largest difference, inst
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -418,12 +419,13 @@ class RouterSite:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The router's linear map (E, d)."""
-        return self.module.get_parameter(self.family.weight)
+        """The router's linear map (E, d), as its forward sees it (peft's LoRA on it is a parametrization, not a
+        parameter)."""
+        return functools.reduce(getattr, self.family.weight.split("."), self.module)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.module.get_parameter(self.family.bias) if self.family.bias else None
+        return functools.reduce(getattr, self.family.bias.split("."), self.module) if self.family.bias else None
 
     @property
     def weight_name(self) -> str:
