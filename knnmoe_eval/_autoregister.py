@@ -1,10 +1,11 @@
-"""Make `lm_eval --model hf-knnmoe` work on lm-eval releases that have no model plugin entry points.
+"""Make `lm_eval --model hf-knnmoe` and `vllm-knnmoe` work on lm-eval releases without model plugin entry points.
 
 Imported from a `.pth` file at every interpreter start, so it must cost nothing: it imports neither torch nor
 lm_eval. It puts a finder on `sys.meta_path` that waits for `lm_eval.api.registry` to be imported; right after
-that module has run, it registers `hf-knnmoe` as a lazy "module:Class" placeholder (our module is imported only
-when the model is asked for). `lm_eval.models` is imported first because lm-eval fills its registry from it only
-while the registry is empty: registering into an empty registry would hide every built-in model.
+that module has run, it registers our models as lazy "module:Class" placeholders (a module is imported only
+when its model is asked for, so `vllm-knnmoe` costs nothing where vLLM is not installed). `lm_eval.models` is
+imported first because lm-eval fills its registry from it only while the registry is empty: registering into
+an empty registry would hide every built-in model.
 """
 
 import importlib.abc
@@ -12,16 +13,16 @@ import importlib.util
 import sys
 
 _WATCHED = "lm_eval.api.registry"
-MODEL_NAME = "hf-knnmoe"
-MODEL_TARGET = "knnmoe_eval.lm:KnnMoeLM"
+MODELS = {"hf-knnmoe": "knnmoe_eval.lm:KnnMoeLM", "vllm-knnmoe": "knnmoe_eval.vllm_lm:KnnMoeVLLM"}
 
 
 def register() -> None:
     import lm_eval.models  # noqa: F401  (fills the registry with the built-in models first)
     from lm_eval.api.registry import model_registry
 
-    if MODEL_NAME not in model_registry:
-        model_registry.register(MODEL_NAME, target=MODEL_TARGET)
+    for name, target in MODELS.items():
+        if name not in model_registry:
+            model_registry.register(name, target=target)
 
 
 class _LoaderThenRegister(importlib.abc.Loader):

@@ -29,7 +29,7 @@ from .families import find_routers
 from .hooks import hooked_routers
 from .labels import labelled_continuation, read_labels
 from .memory import load_memory, model_signature
-from .options import split_model_args
+from .options import KnnMoeOptions, split_model_args
 from .retrieval import Retriever
 
 log = logging.getLogger(__name__)
@@ -112,13 +112,19 @@ class KnnMoeLM(HFLM):
 
     def get_model_info(self) -> dict:
         """lm-eval puts this into the results JSON's `config`: our options and, in eval mode, the diagnostics."""
-        info = {**super().get_model_info(), "knnmoe": {"options": vars(self.knn).copy()}}
-        if self.retriever is not None:
-            diag = self.retriever.diagnostics()
-            info["knnmoe"]["diagnostics"] = diag
-            for layer, d in diag.items():
-                log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
-                         d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
-            if self.knn.diagnostics:
-                Path(self.knn.diagnostics).write_text(json.dumps(diag, indent=2))
-        return info
+        diag = self.retriever.diagnostics() if self.retriever is not None else None
+        return {**super().get_model_info(), "knnmoe": model_info(self.knn, diag)}
+
+
+def model_info(options: KnnMoeOptions, diagnostics: dict | None) -> dict:
+    """The results JSON's `config.knnmoe` (options, and the eval diagnostics, also logged and written where asked);
+    shared with `vllm-knnmoe`."""
+    info = {"options": vars(options).copy()}
+    if diagnostics is not None:
+        info["diagnostics"] = diagnostics
+        for layer, d in diagnostics.items():
+            log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
+                     d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
+        if options.diagnostics:
+            Path(options.diagnostics).write_text(json.dumps(diagnostics, indent=2))
+    return info
