@@ -42,12 +42,12 @@ class KnnMoeWorkerExtension:
     def knnmoe_attach(self, options: dict) -> str | None:
         """Load the memory, check it against this worker's model, hook every router; an error message or None."""
         try:
-            if getattr(self, "_knnmoe", None) is not None:
-                raise KnnMoeError("this vLLM engine already routes with a memory: use one engine per memory")
             model = self.model_runner.get_model()
             opts = KnnMoeOptions(**options)
             sites = find_vllm_routers(model)
             retriever = Retriever(model, load_memory(opts.memory, opts.verify), opts, sites=sites)
+            if getattr(self, "_knnmoe", None) is not None:
+                raise KnnMoeError("this vLLM engine already routes with a memory: use one engine per memory")
         except KnnMoeError as e:
             return str(e)
         calls = {site.layer: 0 for site in sites}
