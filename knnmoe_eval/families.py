@@ -66,7 +66,7 @@ class RouterSite:
 
     layer: int  # decoder layer index (dense layers of mixed models are skipped, so ids may have gaps)
     name: str  # module path, e.g. "model.layers.3.mlp.gate"
-    module: nn.Module
+    module: nn.Module  # the router; in a vLLM model a VllmRouter view of its gate
     family: Family
 
     @property
@@ -165,7 +165,7 @@ def find_vllm_routers(model: nn.Module) -> list[RouterSite]:
             f"Supported families: {', '.join(sorted(VLLM_ROUTERS))}."
         )
     cfg = model.config
-    top_k = int(getattr(cfg, "num_experts_per_tok", 0) or cfg.experts_per_token)
+    top_k = int(cfg.num_experts_per_tok)
     suffix = "." + VLLM_ROUTERS[family.name]
     norm = bool(getattr(cfg, "norm_topk_prob", False))
     sites = [

@@ -64,18 +64,20 @@ def test_another_models_memory_is_refused_as_by_hf_knnmoe(olmoe_dir, far, tmp_pa
     assert str(vllm_err.value) == str(hf_err.value)
 
 
-def test_built_memory_agrees_with_hf_knnmoe(olmoe_dir, tmp_path):
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_built_memory_agrees_with_hf_knnmoe(family, tmp_path):
+    model_dir = tiny(family, tmp_path / family)
     mem = tmp_path / "mem"
-    evaluate("hf-knnmoe", ["tinyqa_ref"], model_args=f"pretrained={olmoe_dir},mode=build,memory={mem}",
+    evaluate("hf-knnmoe", ["tinyqa_ref"], model_args=f"pretrained={model_dir},mode=build,memory={mem}",
              batch_size=1, device="cpu")
-    hf = evaluate("hf-knnmoe", ["tinyqa"], model_args=f"pretrained={olmoe_dir},memory={mem}", batch_size=1,
+    hf = evaluate("hf-knnmoe", ["tinyqa"], model_args=f"pretrained={model_dir},memory={mem}", batch_size=1,
                   device="cpu")
-    lm = make("vllm-knnmoe", f"pretrained={olmoe_dir},memory={mem},{ENGINE},enable_prefix_caching=False")
+    lm = make("vllm-knnmoe", f"pretrained={model_dir},memory={mem},{ENGINE},enable_prefix_caching=False")
     try:
         ours = evaluate(lm, ["tinyqa"])
         # the same token sequences through both: per-layer mean lambda and logprobs agree to float32 noise
-        docs = [s["arguments"] for s in hf["samples"]["tinyqa"]]
-        seqs = [lm.tok_encode(a["gen_args_0"]["arg_0"] + a["gen_args_0"]["arg_1"]) for a in docs]
+        docs = [s["doc"] for s in hf["samples"]["tinyqa"]]
+        seqs = [lm.tok_encode(f"Q: {d['question']}\nA: {c}") for d in docs for c in d["choices"]]
         from vllm import SamplingParams, TokensPrompt
 
         lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))
@@ -86,13 +88,18 @@ def test_built_memory_agrees_with_hf_knnmoe(olmoe_dir, tmp_path):
         shutdown(lm)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(olmoe_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     hf_lp = []
     with torch.no_grad(), attach(model, load_memory(mem)) as retriever:
         for s in seqs:
             logp = model(torch.tensor([s])).logits[0].log_softmax(-1)
             hf_lp.append(logp[:-1].gather(-1, torch.tensor(s[1:])[:, None])[:, 0])
     hf_diag = retriever.diagnostics()
+    lam = lambda diag: [round(d["mean_lambda"], 6) for d in diag.values()]  # noqa: E731
+    print(f"{family}: acc vllm-knnmoe {ours['results']['tinyqa']['acc,none']:.4f}, "
+          f"hf-knnmoe {hf['results']['tinyqa']['acc,none']:.4f}; mean lambda per layer on the same tokens: "
+          f"vllm {lam(vllm_diag)} hf {lam(hf_diag)}; in the lm-eval runs: vllm "
+          f"{lam(ours['config']['knnmoe']['diagnostics'])} hf {lam(hf['config']['knnmoe']['diagnostics'])}")
     assert ours["results"]["tinyqa"]["acc,none"] == pytest.approx(hf["results"]["tinyqa"]["acc,none"], abs=0.01)
     for layer, d in hf_diag.items():
         assert vllm_diag[layer]["tokens"] == d["tokens"] == sum(map(len, seqs))  # every token, no padding row
