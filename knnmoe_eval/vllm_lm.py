@@ -58,7 +58,7 @@ class KnnMoeVLLM(VLLM):
             )
         if vllm_kwargs.get("worker_extension_cls"):
             raise KnnMoeError("vllm-knnmoe sets worker_extension_cls itself; drop it from model_args")
-        log.info("vllm-knnmoe: enforce_eager=True (kNN retrieval cannot run inside CUDA graphs or torch.compile)")
+        log.warning("vllm-knnmoe: enforce_eager=True (kNN retrieval cannot run inside CUDA graphs or torch.compile)")
         super().__init__(pretrained, enforce_eager=True, worker_extension_cls=WORKER_EXTENSION,
                          **{k: v for k, v in vllm_kwargs.items() if k != "enforce_eager"})
         self._rpc("knnmoe_attach", vars(self.knn))
