@@ -1,10 +1,11 @@
-"""Make `lm_eval --model hf-knnmoe` (and `hf-c3po`) work on lm-eval releases that have no model plugin entry points.
+"""Make `lm_eval --model hf-knnmoe` and `vllm-knnmoe` work on lm-eval releases without model plugin entry points.
 
 Imported from a `.pth` file at every interpreter start, so it must cost nothing: it imports neither torch nor
 lm_eval. It puts a finder on `sys.meta_path` that waits for `lm_eval.api.registry` to be imported; right after
-that module has run, it registers our models as lazy "module:Class" placeholders (our module is imported only
-when the model is asked for). `lm_eval.models` is imported first because lm-eval fills its registry from it only
-while the registry is empty: registering into an empty registry would hide every built-in model.
+that module has run, it registers our models as lazy "module:Class" placeholders (a module is imported only
+when its model is asked for, so `vllm-knnmoe` costs nothing where vLLM is not installed). `lm_eval.models` is
+imported first because lm-eval fills its registry from it only while the registry is empty: registering into
+an empty registry would hide every built-in model.
 """
 
 import importlib.abc
@@ -12,7 +13,8 @@ import importlib.util
 import sys
 
 _WATCHED = "lm_eval.api.registry"
-MODELS = {"hf-knnmoe": "knnmoe_eval.harness.lm:KnnMoeLM", "hf-c3po": "knnmoe_eval.experiments.c3po:C3POLM"}
+MODELS = {"hf-knnmoe": "knnmoe_eval.harness.lm:KnnMoeLM", "hf-c3po": "knnmoe_eval.experiments.c3po:C3POLM",
+          "vllm-knnmoe": "knnmoe_eval.harness.vllm_lm:KnnMoeVLLM"}
 
 
 def register() -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import SMALL_TOY
 
-from knnmoe_eval.experiments.cli import main
 from knnmoe_eval.experiments import ablations, toy
+from knnmoe_eval.experiments.cli import main
 from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
 from knnmoe_eval.testing import save_tiny
 

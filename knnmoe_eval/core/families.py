@@ -411,7 +411,7 @@ class RouterSite:
 
     layer: int  # decoder layer index (dense layers of mixed models are skipped, so ids may have gaps)
     name: str  # module path, e.g. "model.layers.3.mlp.gate"
-    module: nn.Module  # the router
+    module: nn.Module  # the router; in a vLLM model a VllmRouter view of its gate
     block: nn.Module  # the MoE block that calls it (its parent)
     decoder_layer: nn.Module
     decoder_layer_name: str
@@ -561,4 +561,64 @@ def find_routers(model: nn.Module, check: bool = True) -> list[RouterSite]:
     if check:
         for site in sites:
             site.check()
+    return sorted(sites, key=lambda s: s.layer)
+
+
+# -- vLLM --------------------------------------------------------------------------------------------------
+# vLLM (vllm/model_executor/models/<family>.py, 0.32) keeps each MoE block's router as a `GateLinear` (a
+# ReplicatedLinear returning (logits, bias)) whose logits its FusedMoE gates with the same rule as transformers;
+# the router's path under a decoder layer, per family. Its k lives in the config, not on the module.
+VLLM_ROUTERS: dict[str, str] = {
+    "olmoe": "mlp.gate",
+    "qwen2_moe": "mlp.gate",
+    "qwen3_moe": "mlp.gate",
+    "mixtral": "block_sparse_moe.gate",
+    "gpt_oss": "mlp.router",
+}
+
+
+@dataclass(frozen=True)
+class VllmRouter:
+    """The router a `RouterSite` describes, for a vLLM gate: its weights, and k and renormalisation from the config."""
+
+    weight: torch.Tensor  # (E, d), shared with the vLLM module
+    bias: torch.Tensor | None
+    top_k: int
+    norm_topk_prob: bool
+
+
+def _vllm_gate_weights(gate: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate's (weight (E, d), bias (E,) or None). vLLM's CPU backend packs small linear layers for its own
+    kernels and leaves `weight` empty; the weights are then read back through the gate itself: its logits of the
+    zero vector are the bias, of each unit vector a column of the weight (exact: one product by 1, zeros added)."""
+    bias = getattr(gate, "bias", None)
+    if gate.weight.numel():
+        return gate.weight, bias
+    probe = torch.cat([torch.zeros(1, hidden_size), torch.eye(hidden_size)]).to(gate.weight.device, gate.weight.dtype)
+    with torch.no_grad():
+        out = gate(probe)
+    logits = (out[0] if isinstance(out, tuple) else out).float()  # (1 + d, E)
+    return (logits[1:] - logits[0]).T.contiguous(), None if bias is None else logits[0]
+
+
+def find_vllm_routers(model: nn.Module) -> list[RouterSite]:
+    """Every MoE router of a vLLM model (`RouterSite.name` is the gate module's path), ordered by layer."""
+    family = family_of(model)
+    if family.name not in VLLM_ROUTERS:
+        raise KnnMoeError(
+            f"vllm-knnmoe does not know where vLLM keeps the {family.name} router. "
+            f"Supported families: {', '.join(sorted(VLLM_ROUTERS))}."
+        )
+    cfg = model.config
+    top_k = int(cfg.num_experts_per_tok)
+    suffix = "." + VLLM_ROUTERS[family.name]
+    norm = bool(getattr(cfg, "norm_topk_prob", False))
+    sites = [
+        RouterSite(_decoder_layer(name)[1], name, VllmRouter(*_vllm_gate_weights(module, cfg.hidden_size), top_k, norm),
+                   None, None, _decoder_layer(name)[0], family)  # vLLM's MoE block and layer are not transformers'
+        for name, module in model.named_modules()
+        if name.endswith(suffix) and hasattr(module, "weight")
+    ]
+    if not sites:
+        raise KnnMoeError(f"no '*{suffix}' router modules found in this vLLM {family.name} model")
     return sorted(sites, key=lambda s: s.layer)

@@ -331,11 +331,9 @@ def write_memory(
                                  build, overwrite)
 
 
-def load_memory(path: str | Path, verify: bool = True) -> Memory:
-    """Read and validate a memory directory; `verify` checks every file's sha256 against the manifest.
-
-    Keys and values are memory-mapped (safetensors maps the file): nothing is resident until it is read.
-    """
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a complete memory directory, without touching its layer files: a cheap first check for
+    callers that load the memory itself elsewhere (vLLM's workers)."""
     out = Path(path)
     if out.is_file():
         raise KnnMoeError(f"memory {out} is a file, not a memory directory; pass the directory that holds {MANIFEST}")
@@ -366,6 +364,16 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             "content): the memory is corrupted or was edited by hand; rebuild it"
         )
     check_manifest(manifest, f"memory {out}")
+    return manifest
+
+
+def load_memory(path: str | Path, verify: bool = True) -> Memory:
+    """Read and validate a memory directory; `verify` checks every file's sha256 against the manifest.
+
+    Keys and values are memory-mapped (safetensors maps the file): nothing is resident until it is read.
+    """
+    out = Path(path)
+    manifest = read_manifest(out)
     d, n_exp = manifest["model"]["hidden_size"], manifest["model"]["num_experts"]
     layers = {}
     for layer, entry in manifest["layers"].items():

@@ -67,7 +67,7 @@ class KnnMoeOptions:
         if self.mode not in get_args(Mode):
             bad("mode", "choose eval or build")
         if self.memory is None:
-            bad("memory", "hf-knnmoe needs memory=DIR (the memory to read, or in mode=build the one to write)")
+            bad("memory", "kNN-MoE needs memory=DIR (the memory to read, or in mode=build the one to write)")
         if os.path.isfile(self.memory):
             bad("memory", "this is a file, not a memory directory; pass the directory that holds manifest.json "
                 "(or, in mode=build, a new directory)")
@@ -197,6 +197,6 @@ def split_model_args(kwargs: dict, passthrough: set[str]) -> tuple[KnnMoeOptions
         close = difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.75)
         if close:
             raise KnnMoeError(
-                f"unknown model_arg {name!r}; did you mean {close[0]!r}? hf-knnmoe options: {', '.join(OPTION_NAMES)}"
+                f"unknown model_arg {name!r}; did you mean {close[0]!r}? kNN-MoE options: {', '.join(OPTION_NAMES)}"
             )
     return resolve(ours), rest

@@ -47,7 +47,7 @@ class _LayerRetrieval:
         self.plan = knn_index.plan(opts.index, d, n, opts.nprobe)
         self.factory = self.plan.factory
         self.device = site.weight.device
-        if self.plan.exact:
+        if self.plan.exact and site.decoder_layer is not None:  # vLLM's layers are not transformers' modules
             macs = knn_index.layer_macs_per_token(site.decoder_layer, site.num_experts, site.top_k)
             knn_index.warn_if_exact_dominates(str(memory.path), n, d, macs)
         if self.plan.exact and self.device.type == "cuda":  # a torch matmul on the device: faiss not needed
@@ -140,14 +140,7 @@ class Retriever:
         return out
 
     def report(self) -> dict:
-        """The diagnostics, logged per layer and written to `diagnostics=FILE` when asked."""
-        diag = self.diagnostics()
-        for layer, d in diag.items():
-            log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
-                     d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
-        if self.options.diagnostics:
-            write_json_atomic(Path(self.options.diagnostics), diag)
-        return diag
+        return report(self.options, self.diagnostics())
 
     def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor | None = None):
         """Mixed logits for the hook, with their gating (z unchanged for a layer with no memory).
@@ -190,6 +183,16 @@ class Retriever:
             stats = self._stats[site.layer] = stats.to(step.device)
         stats += step.to(stats.dtype)
         return out, gated
+
+
+def report(options: KnnMoeOptions, diagnostics: dict) -> dict:
+    """The run's diagnostics, logged per layer and written to `diagnostics=FILE` when asked (hf- and vllm-knnmoe)."""
+    for layer, d in diagnostics.items():
+        log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
+                 d["mean_lambda"], 100 * d["topk_changed"], d["tokens"])
+    if options.diagnostics:
+        write_json_atomic(Path(options.diagnostics), diagnostics)
+    return diagnostics
 
 
 @contextmanager
