@@ -5,7 +5,7 @@ the GPU).
 
 The model has OLMoE-1B-7B's shape (16 layers, hidden 2048, 64 experts of width 1024, top-8) with random bf16
 weights; each layer's memory holds `--keys` structured synthetic fp16 keys (1000 clusters in a 64-dim subspace
-plus noise, as `bench_overhead.synthetic_keys`) and random values. Exact search on a GPU is a torch matmul over
+plus noise, as `perf_overhead.synthetic_keys`) and random values. Exact search on a GPU is a torch matmul over
 the fp16 keys on the layer's device (`index.TorchExactIndex`), so faiss is not needed; faiss-gpu, if importable,
 is only reported. Timings are CUDA-synchronised medians of full forwards of `--batch` x `--tokens` tokens.
 

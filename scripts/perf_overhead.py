@@ -8,10 +8,10 @@ are saved inside them, so the timed runs exclude training. `hf` is timed right b
 run and the mean of the two is that run's baseline. Every row records the machine's load (`machine_load.py`);
 the run refuses to start on a busy machine unless --allow-load.
 
-    OMP_NUM_THREADS=2 python scripts/bench_overhead.py --quick     # ~2 min: 10k keys
-    OMP_NUM_THREADS=2 python scripts/bench_overhead.py --keys 100000 --indexes ivfpq ivfpq_rerank --workdir W
+    OMP_NUM_THREADS=2 python scripts/perf_overhead.py --quick     # ~2 min: 10k keys
+    OMP_NUM_THREADS=2 python scripts/perf_overhead.py --keys 100000 --indexes ivfpq ivfpq_rerank --workdir W
 
-Also the shared helpers of bench_index.py and bench_build.py (wide model, synthetic keys, requests).
+Also the shared helpers of perf_index.py and perf_build.py (wide model, synthetic keys, requests).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="requests per forward (4 x 128 = 512 tokens)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep memories (and their trained indexes) here and reuse them (default: a temporary dir)")
-    p.add_argument("--json", type=Path, default=Path("results/bench_overhead.json"))
+    p.add_argument("--json", type=Path, default=Path("results/perf_overhead.json"))
     p.add_argument("--quick", action="store_true", help="10k keys, 4 requests of 56 tokens")
     p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")
     args = p.parse_args()

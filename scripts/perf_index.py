@@ -6,17 +6,17 @@ Wide part: one decoder layer of OLMoE-1B-7B's shape (hidden 2048, 64 experts of 
 weights). Its stock forward on a batch of `--tokens` tokens is "the layer's compute"; retrieval is the real
 query path (`_LayerRetrieval.search`: the index search plus, for re-ranked indexes, the true distances of the
 candidates) and the whole hook transform (search, similarity, mixing, gating, diagnostics). Keys are synthetic
-but structured (`bench_overhead.synthetic_keys`); queries are fresh samples of the keys' distribution, as router
+but structured (`perf_overhead.synthetic_keys`); queries are fresh samples of the keys' distribution, as router
 inputs at evaluation are of the memory's (the random model's own router inputs would be out of that
 distribution and land in the few largest IVF lists, scanning ~1.7x the keys). Every figure records the machine's
 load (`machine_load.py`); the run refuses to start on a busy machine unless --allow-load. Toy part: the toy
 demo's memory (built from shift_ref through lm-eval, mode=build) evaluated on knnmoe_toy_shift with each index.
 
-    OMP_NUM_THREADS=2 python scripts/bench_index.py --quick        # ~2 min: 10k keys, toy demo
-    OMP_NUM_THREADS=2 python scripts/bench_index.py --keys 100000 --no-toy --workdir W
+    OMP_NUM_THREADS=2 python scripts/perf_index.py --quick        # ~2 min: 10k keys, toy demo
+    OMP_NUM_THREADS=2 python scripts/perf_index.py --keys 100000 --no-toy --workdir W
     # 1M keys: write the memory once (--prepare), then one index per command; trained indexes are kept in W
-    OMP_NUM_THREADS=2 python scripts/bench_index.py --keys 1000000 --prepare --workdir W
-    OMP_NUM_THREADS=2 python scripts/bench_index.py --keys 1000000 --indexes ivfpq_rerank --no-toy --workdir W
+    OMP_NUM_THREADS=2 python scripts/perf_index.py --keys 1000000 --prepare --workdir W
+    OMP_NUM_THREADS=2 python scripts/perf_index.py --keys 1000000 --indexes ivfpq_rerank --no-toy --workdir W
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import WIDE, random_memory, ratio_table, synthetic_keys, wide_model  # noqa: E402
+from perf_overhead import WIDE, random_memory, ratio_table, synthetic_keys, wide_model  # noqa: E402
 from machine_load import Load, require_quiet  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def stage_ms(lr, q: torch.Tensor, reps: int) -> dict:
     return stages
 
 
-def bench_memory(workdir: Path, model, n: int) -> Path:
+def perf_memory(workdir: Path, model, n: int) -> Path:
     """The synthetic memory of n keys per layer, written once per workdir and reused (with its trained indexes).
 
     Its sigma statistics use 256 sampled keys instead of 2048: they set lambda only, which no figure here
@@ -147,7 +147,7 @@ def wide_figures(args, workdir: Path) -> tuple[list[dict], list[dict]]:
     ids = torch.randint(4, 250, shape, generator=torch.Generator().manual_seed(0))
     rows, score_rows = [], []
     for n in args.keys:
-        mem = load_memory(bench_memory(workdir, model, n), verify=False)
+        mem = load_memory(perf_memory(workdir, model, n), verify=False)
         if args.prepare:
             continue
         layer = mem.signature["moe_layers"][0]
@@ -265,7 +265,7 @@ def main() -> None:
     p.add_argument("--score-dtypes", action="store_true",
                    help="also time the re-rank with fp32, fp16 and bf16 ranking products, with recall and distances")
     p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")
-    p.add_argument("--json", type=Path, default=Path("results/bench_index.json"))
+    p.add_argument("--json", type=Path, default=Path("results/perf_index.json"))
     p.add_argument("--quick", action="store_true", help="10k keys, 2 repetitions")
     args = p.parse_args()
     if args.quick:

@@ -4,12 +4,12 @@ For each memory size and index: loglikelihood tokens/s (prompts scored with prom
 `vllm` does) and greedy generation tokens/s, for vllm-knnmoe and for stock vLLM run the same way
 (enforce_eager, which vllm-knnmoe imposes) and, unless --quick, stock vLLM with its defaults (torch.compile and,
 on a GPU, CUDA graphs: the speed people get from `--model vllm`). Then hf-knnmoe on the same prompts. Memories
-hold synthetic clustered keys (bench_overhead.synthetic_keys) written for the model; their trained indexes are
+hold synthetic clustered keys (perf_overhead.synthetic_keys) written for the model; their trained indexes are
 saved inside them, so the timed runs exclude training. Prefix caching is off so that a repeated prompt costs the
 same each time. Runs unchanged on a GPU machine (install `vllm` and faiss-gpu there).
 
-    python scripts/bench_vllm.py --quick                         # CPU check: tiny OLMoE, 10k keys, exact + ivfpq
-    python scripts/bench_vllm.py --pretrained allenai/OLMoE-1B-7B-0924 --dtype bfloat16   # on a GPU
+    python scripts/perf_vllm.py --quick                         # CPU check: tiny OLMoE, 10k keys, exact + ivfpq
+    python scripts/perf_vllm.py --pretrained allenai/OLMoE-1B-7B-0924 --dtype bfloat16   # on a GPU
 
 Engines start in spawned processes, hence the `__main__` guard.
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_overhead import make_lm, random_memory, ratio_table  # noqa: E402
+from perf_overhead import make_lm, random_memory, ratio_table  # noqa: E402
 
 VLLM_TINY = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=64)  # vLLM CPU: head_dim 64
 
@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="hf-knnmoe requests per forward")
     p.add_argument("--quick", action="store_true", help="10k keys, 8 prompts, no compiled stock run")
-    p.add_argument("--json", type=Path, default=Path("results/bench_vllm.json"))
+    p.add_argument("--json", type=Path, default=Path("results/perf_vllm.json"))
     args = p.parse_args()
     if args.quick:
         args.keys, args.prompts = [10_000], 8

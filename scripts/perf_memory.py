@@ -7,7 +7,7 @@ layer, with their requests in the metadata, in shuffled request order and with s
 which the kernel drops under pressure. A merge that held a layer would need at least its keys in anon memory (the
 previous finalize held every layer's keys, then float32 copies of a layer for the sigma statistics).
 
-    OMP_NUM_THREADS=2 python scripts/bench_memory.py --keys 200000 --layers 2
+    OMP_NUM_THREADS=2 python scripts/perf_memory.py --keys 200000 --layers 2
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--shard-rows", type=int, default=20_000, help="rows per shard (shard_tokens)")
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=Path("results/bench_memory.json"))
+    p.add_argument("--json", type=Path, default=Path("results/perf_memory.json"))
     p.add_argument("--finalize", type=Path, default=None, help=argparse.SUPPRESS)  # the measured child process
     p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """Memory-build throughput (`hf-knnmoe` mode=build) against a plain forward+backward, measured in one run.
 
-Same tiny-but-wide MoE as bench_overhead.py (hidden 2048, 64 experts of width 1024, top-8, 2 layers), same
+Same tiny-but-wide MoE as perf_overhead.py (hidden 2048, 64 experts of width 1024, top-8, 2 layers), same
 loglikelihood requests. The build side is lm-eval's `loglikelihood` of `hf-knnmoe` in mode=build, timed end to
 end (tokenization, forward, the joint gradient on every router's logits, keys and values gathered, the memory
 written). The baseline runs the same padded batches through forward + backward of the same answer-token NLL with
@@ -11,8 +11,8 @@ Goal: build >= 0.8x the baseline.
 vocabulary, each variant in a fresh process: log-probabilities at the scored positions only (the build) against
 the full-vocabulary fp32 logits of the whole batch (what the build computed before).
 
-    OMP_NUM_THREADS=2 python scripts/bench_build.py --quick
-    OMP_NUM_THREADS=2 python scripts/bench_build.py --peak-memory
+    OMP_NUM_THREADS=2 python scripts/perf_build.py --quick
+    OMP_NUM_THREADS=2 python scripts/perf_build.py --peak-memory
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_overhead import WIDE, make_lm, n_tokens, ratio_table, requests, wide_model  # noqa: E402
+from perf_overhead import WIDE, make_lm, n_tokens, ratio_table, requests, wide_model  # noqa: E402
 
 
 def forward_backward_seconds(model, reqs, batch_size: int) -> float:
@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad", default="paper", help="build gradient: paper | dense")
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=Path("results/bench_build.json"))
+    p.add_argument("--json", type=Path, default=Path("results/perf_build.json"))
     p.add_argument("--quick", action="store_true", help="4 requests of 56 tokens")
     p.add_argument("--peak-memory", action="store_true", help="peak memory of the build step, before/after")
     p.add_argument("--peak-memory-child", help=argparse.SUPPRESS)
