@@ -22,6 +22,7 @@ refused at load, naming the family, the version and the largest difference, inst
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -548,9 +549,12 @@ def find_routers(model: nn.Module, check: bool = True) -> list[RouterSite]:
     sites = []
     for name, module in model.named_modules():
         if type(module).__name__ == family.router_class:
+            if ".original_module" in name:
+                continue  # peft's modules_to_save keeps the frozen original beside the trained copy, which runs
             layer_name, layer = _decoder_layer(name)
-            # a peft-wrapped router (LoRA on its weight) sits at <block>.<router>.base_layer
-            block_name = name.rsplit(".", 2 if name.endswith(".base_layer") else 1)[0]
+            # peft wraps a router as <router>.base_layer (LoRA on its weight) or <router>.modules_to_save.<adapter>
+            router_path = re.sub(r"\.(base_layer|modules_to_save\.[^.]+)$", "", name)
+            block_name = router_path.rsplit(".", 1)[0]
             sites.append(RouterSite(layer, name, module, model.get_submodule(block_name),
                                     model.get_submodule(layer_name), layer_name, family))
     if not sites:

@@ -103,6 +103,12 @@ def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer
         r = radius.scale * float(torch.quantile(dists[i], radius.quantile).sqrt())
         if far is not None:
             cap = float(torch.quantile(far[i], radius.far_quantile).sqrt())
+            if cap <= 0:
+                raise KnnMoeError(
+                    f"layer {layer}: the calibration text lands on the memory's own keys (distance 0 at its "
+                    f"{radius.far_quantile} quantile), so no radius can keep it out: calibration must be text that "
+                    "is NOT this memory's domain (e.g. another domain's training text), or drop calibration="
+                )
             stats[f"{name}_far_cap"] = cap
             r = min(r, cap)
         stats[name] = r
