@@ -98,7 +98,7 @@ def perf_memory(workdir: Path, model, n: int) -> Path:
     Its sigma statistics use 256 sampled keys instead of 2048: they set lambda only, which no figure here
     depends on, and at 1M keys the full sample alone would take minutes.
     """
-    from knnmoe_eval.core import memory
+    from knnmoe_eval.core import sigma as memory  # where the sigma sample size lives
 
     path = workdir / f"mem{n}"
     if not (path / "manifest.json").exists():
