@@ -93,7 +93,7 @@ class LeafLogits:
 
 
 @contextmanager
-def _dense_experts(model: torch.nn.Module, sites: Sequence[RouterSite], transform: LeafLogits) -> Iterator[None]:
+def _dense_experts(sites: Sequence[RouterSite], transform: LeafLogits) -> Iterator[None]:
     """Under grad=dense, every MoE layer's experts also return the (zero-valued) dense mixture."""
     with ExitStack() as stack:
         if transform.dense:
@@ -201,7 +201,7 @@ def optimise_logits(model: torch.nn.Module, sites: Sequence[RouterSite], inputs:
     leaves, opt, losses = None, None, []
     answer_logprob = answer_greedy = None
     for step in range(steps):
-        with torch.enable_grad(), hooked_routers(sites, transform), _dense_experts(model, sites, transform):
+        with torch.enable_grad(), hooked_routers(sites, transform), _dense_experts(sites, transform):
             logp, greedy, cols = target_logprobs(model, inputs, targets, scored,
                                                  None if past is None else copy.deepcopy(past))  # (b, P)
             mask = scored[:, cols]

@@ -24,6 +24,17 @@ def _help(text: str, **kw) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+_CHOICES = {  # options that take one of a few words
+    "loss": ("sum", "mean"),
+    "grad": ("paper", "dense"),
+    "optimizer": ("sgd", "adam"),
+    "confidence": ("kernel", "radius"),
+    "free": ("all", "kept"),
+    "keys": ("stock", "mixed"),
+    "positions": ("answer", "all"),
+}
+
+
 @dataclass(frozen=True)
 class KnnMoeOptions:
     preset: str = _help("paper: the paper's method | plus: our recipe (docs/plus.md). Sets the defaults of the options it names; an option given explicitly wins", default="paper")
@@ -71,6 +82,9 @@ class KnnMoeOptions:
         if os.path.isfile(self.memory):
             bad("memory", "this is a file, not a memory directory; pass the directory that holds manifest.json "
                 "(or, in mode=build, a new directory)")
+        for name, words in _CHOICES.items():
+            if getattr(self, name) not in words:
+                bad(name, f"choose {' or '.join(words)}")
         if not (isinstance(self.k, int) and self.k >= 1):
             bad("k", "must be an integer >= 1")
         if self.similarity not in SIMILARITIES:
@@ -85,14 +99,6 @@ class KnnMoeOptions:
             bad("eta", "must be a finite number > 0")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             bad("steps", "must be an integer >= 1")
-        if self.loss not in ("sum", "mean"):
-            bad("loss", "choose sum or mean")
-        if self.grad not in ("paper", "dense"):
-            bad("grad", "choose paper or dense")
-        if self.optimizer not in ("sgd", "adam"):
-            bad("optimizer", "choose sgd or adam")
-        if self.confidence not in ("kernel", "radius"):
-            bad("confidence", "choose kernel or radius")
         if self.radius_quantile is not None and not (0 < self.radius_quantile <= 1):
             bad("radius_quantile", "must be in (0, 1]")
         if not (math.isfinite(self.radius_scale) and self.radius_scale > 0):
@@ -105,12 +111,6 @@ class KnnMoeOptions:
             bad("calibration", "no such file")
         if not 0 <= self.calibration_quantile < 1:
             bad("calibration_quantile", "must be in [0, 1)")
-        if self.free not in ("all", "kept"):
-            bad("free", "choose all or kept")
-        if self.keys not in ("stock", "mixed"):
-            bad("keys", "choose stock or mixed")
-        if self.positions not in ("answer", "all"):
-            bad("positions", "choose answer or all")
         if not (isinstance(self.shard_tokens, int) and self.shard_tokens >= 1):
             bad("shard_tokens", "must be an integer >= 1")
         if self.selective_ppl is not None and not (math.isfinite(self.selective_ppl) and self.selective_ppl > 0):
