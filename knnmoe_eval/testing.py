@@ -127,7 +127,7 @@ def make_tiny_model(family: str, seed: int = 0, **overrides):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .core.families import find_routers
+    from .core.routers import find_routers
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)

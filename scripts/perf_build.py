@@ -67,7 +67,7 @@ def forward_backward_seconds(model, reqs, batch_size: int) -> float:
 def peak_memory_child(variant: str, batch: int, length: int, vocab: int) -> None:
     """One build step in this (fresh) process; prints the growth of peak RSS over the loaded model, in MiB."""
     from knnmoe_eval.core import gradient
-    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.testing import make_tiny_model
 
     model = make_tiny_model("olmoe", vocab_size=vocab)

@@ -136,7 +136,7 @@ def wide_figures(args, workdir: Path) -> tuple[list[dict], list[dict]]:
     import torch.nn.functional as F
 
     from knnmoe_eval.core import index as knn_index
-    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.memory import load_memory
     from knnmoe_eval.core.options import KnnMoeOptions
     from knnmoe_eval.core.retrieval import Retriever

@@ -5,7 +5,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from knnmoe_eval.core.families import FAMILIES, find_routers
+from knnmoe_eval.core.families import FAMILIES
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.core.memory import write_memory
 from knnmoe_eval.core.signature import model_signature

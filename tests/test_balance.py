@@ -5,7 +5,7 @@ import torch
 from conftest import router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeOptions, Retriever, load_memory
-from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.experiments.balance import load_balance
 from knnmoe_eval.testing import make_tiny_model
 

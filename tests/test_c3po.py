@@ -8,7 +8,7 @@ import torch
 
 from knnmoe_eval.benchmarks.fewshot import TfidfEncoder
 from knnmoe_eval.core.build import RefSequence
-from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.experiments.c3po import C3PO, C3POOptions, Pathway, Reference
 from knnmoe_eval.testing import make_tiny_model

@@ -7,8 +7,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from knnmoe_eval import KnnMoeError, KnnMoeOptions, attach
 from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
-from knnmoe_eval.core.families import FAMILIES, find_routers, supported
-from knnmoe_eval.core.memory import load_memory
+from knnmoe_eval.core.families import FAMILIES, supported
+from knnmoe_eval.core.hooks import Rerouted, route
+from knnmoe_eval.core.memory import load_memory, write_memory
+from knnmoe_eval.core.routers import ULPS, RouterSite, find_routers, unfaithful
 from knnmoe_eval.core.signature import model_signature
 from knnmoe_eval.testing import TINY, make_tiny_model
 
@@ -26,18 +28,35 @@ def test_every_family_has_a_tiny_model():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hooked_router_and_gating_match_the_stock_router_bit_for_bit(family, dtype):
+def test_rows_left_alone_get_the_stock_routers_own_output_bit_for_bit(family, dtype):
+    """The door's guarantee: untouched rows are the stock router's own output, whatever the restatement computes;
+    moved rows go through the restatement (here with the stock logits, so they must be faithful to stock)."""
     model = make_tiny_model(family).to(dtype)
     gen = torch.Generator().manual_seed(1)
     for site in find_routers(model):
         h = (torch.randn(111, site.hidden_size, generator=gen) * 3).to(dtype)  # MoE blocks pass (n_tokens, d)
         args = site.family.args(site.block)
-        stock = as_tuple(type(site.module).forward(site.module, h.clone(), *args))
-        ours = as_tuple(site.route(h.clone(), args, passthrough))
-        assert len(ours) == len(stock)
-        for a, b in zip(ours, stock):
-            assert a.dtype == b.dtype and torch.equal(a, b)
-        # the gating alone (diagnostics, pruning) is what the MoE block hands its experts
+        stock = as_tuple(site.stock(h.clone(), args))
+        rows = torch.arange(0, 111, 3)
+        for transform in (passthrough, lambda site, h, z: Rerouted(z, rows[:0]), lambda site, h, z: Rerouted(z, rows)):
+            ours = as_tuple(route(site, h.clone(), args, transform))
+            assert len(ours) == len(stock)
+            kept = torch.ones(111, dtype=torch.bool).index_fill(0, rows, False)
+            for a, b in zip(ours, stock):
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a[kept], b[kept])
+            assert unfaithful(tuple(b[rows] for b in stock), tuple(a[rows] for a in ours)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_restated_router_and_gating_are_faithful_to_the_stock_router(family, dtype):
+    model = make_tiny_model(family).to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    for site in find_routers(model):
+        h = (torch.randn(111, site.hidden_size, generator=gen) * 3).to(dtype)
+        args = site.family.args(site.block)
+        stock = as_tuple(site.stock(h.clone(), args))
+        assert unfaithful(stock, as_tuple(site.output(site.logits(h), h.dtype, args))) is None
+        # the gating alone (diagnostics, pruning) against what the MoE block hands its experts
         seen = []
         handle = site.experts.register_forward_pre_hook(lambda m, a: seen.append(a))
         try:
@@ -47,11 +66,42 @@ def test_hooked_router_and_gating_match_the_stock_router_bit_for_bit(family, dty
             handle.remove()
         weights, experts = site.gate(site.logits(h), dtype)
         if len(seen[0]) == 3:  # fused experts: (h, top_k_index, top_k_weights)
-            assert torch.equal(experts, seen[0][1]) and torch.equal(weights, seen[0][2])
+            assert unfaithful((seen[0][1], seen[0][2]), (experts, weights)) is None
         else:  # Llama 4's experts get the tokens pre-scaled; its router's own scores carry the selection
             scores = stock[0]
-            assert torch.equal(scores.gather(1, experts), weights)
+            assert unfaithful((scores.topk(site.top_k).indices, scores.topk(site.top_k).values),
+                              (experts, weights)) is None
             assert torch.equal((scores != 0).sum(-1), torch.full((scores.shape[0],), site.top_k))
+
+
+def test_faithful_means_the_same_experts_and_weights_within_a_few_ulps():
+    """`unfaithful` against hand-made outputs: one ulp and another expert order pass; 2x the tolerance, another
+    expert or another dtype do not."""
+    experts = torch.tensor([[0, 3], [2, 1]])
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    ulp = torch.finfo(torch.float32).eps
+    assert unfaithful((weights, experts), (weights * (1 + ulp), experts)) is None
+    assert unfaithful((weights, experts), (weights.flip(-1), experts.flip(-1))) is None  # same pairs, other order
+    assert "largest difference" in unfaithful((weights, experts), (weights * (1 + 2 * ULPS * ulp), experts))
+    assert "another expert set for 1 tokens" in unfaithful((weights, experts), (weights, torch.tensor([[0, 3], [2, 0]])))
+    assert "restated" in unfaithful((weights, experts), (weights.double(), experts))
+    assert "2 tensors" in unfaithful((weights, experts), (weights,))
+
+
+def test_a_far_memory_is_stock_even_where_the_restatement_is_wrong(monkeypatch, tmp_path):
+    """Stock by construction: with every restated router output doubled, a far memory still reproduces the model
+    bit for bit, because no row goes through the restatement."""
+    model = make_tiny_model("llama4")
+    ids = torch.randint(4, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    sig = model_signature(model, find_routers(model))
+    far = {l: torch.full((3, sig["hidden_size"]), 500.0) for l in sig["moe_layers"]}
+    mem = write_memory(tmp_path / "m", far, {l: torch.randn(3, sig["num_experts"]) for l in far}, sig)
+    restated = RouterSite.output
+    with torch.no_grad(), attach(model, mem, sigma=1.0):  # the load-time check would refuse the doubled outputs
+        monkeypatch.setattr(RouterSite, "output", lambda self, *a, **kw: tuple(2 * t for t in restated(self, *a, **kw)))
+        assert torch.equal(model(ids).logits, ref)
 
 
 def test_a_build_writes_a_valid_memory_whose_self_retrieval_moves_the_routing_of_stored_tokens_only(

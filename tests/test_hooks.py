@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.testing import make_tiny_model
 

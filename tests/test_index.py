@@ -256,7 +256,7 @@ def test_every_index_through_the_retrieval_path_agrees_with_exact(tmp_path, name
 
 
 def test_a_nan_router_input_is_refused_before_the_search(tmp_path):
-    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.memory import load_memory
     from knnmoe_eval.core.retrieval import Retriever
 

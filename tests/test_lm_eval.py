@@ -13,7 +13,8 @@ import torch
 from conftest import TASKS, empty_keys, router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.families import FAMILIES, find_routers
+from knnmoe_eval.core.families import FAMILIES
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.memory import load_memory, write_memory
 from knnmoe_eval.core.signature import model_signature
 

@@ -9,7 +9,7 @@ from conftest import router_inputs, signature
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
-from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.gradient import optimise_logits
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.mixing import mix, within_radius

@@ -7,8 +7,8 @@ import torch
 from conftest import empty_keys, router_inputs, signature, write_constant_memory
 
 from knnmoe_eval import KnnMoeOptions, attach
-from knnmoe_eval.core.families import find_routers
-from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.core.routers import find_routers
+from knnmoe_eval.core.hooks import hooked_routers, routed_logits
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.retrieval import Retriever
 from knnmoe_eval.testing import make_tiny_model
@@ -56,9 +56,8 @@ def test_values_naming_other_experts_change_topk_where_lambda_is_high_only(tmp_p
 
         def recording(site, h, z):
             out = transform(site, h, z)
-            z, gated = out if isinstance(out, tuple) else (out, site.gate(out, h.dtype))
-            sets[site.layer] = gated[1].sort(-1).values
-            return z, gated
+            sets[site.layer] = site.gate(routed_logits(out), h.dtype)[1].sort(-1).values
+            return out
 
         with torch.no_grad(), hooked_routers(sites, recording):
             model(ids)

@@ -8,7 +8,7 @@ from conftest import TASKS
 from safetensors.torch import load_file
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.families import find_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.experiments.sft import reference_requests, split, tokenize, train_sft
 from knnmoe_eval.testing import save_tiny
 

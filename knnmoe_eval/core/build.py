@@ -29,7 +29,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..errors import KnnMoeError
-from .families import RouterSite
+from .routers import RouterSite
 from .files import save_tensors_atomic, sha256_file, write_json_atomic
 from .gradient import optimise_logits
 from .hooks import hooked_routers

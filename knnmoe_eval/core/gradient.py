@@ -44,7 +44,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .families import RouterSite
+from .routers import RouterSite
 from .hooks import hooked_routers
 
 

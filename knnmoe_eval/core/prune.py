@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import KnnMoeError
-from .families import RouterSite, find_routers
+from .routers import RouterSite, find_routers
 from .memory import LayerMemory, Memory, load_memory, write_memory_streamed
 from .signature import model_signature
 

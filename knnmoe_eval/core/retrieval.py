@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from ..errors import KnnMoeError
 from . import index as knn_index
-from .families import RouterSite, find_routers
+from .routers import RouterSite, find_routers
 from .files import write_json_atomic
-from .hooks import hooked_routers
+from .hooks import Rerouted, hooked_routers
 from .index import l2_normalize
 from .memory import Memory, load_memory
 from .mixing import mix, similarity, within_radius
@@ -142,11 +142,13 @@ class Retriever:
     def report(self) -> dict:
         return report(self.options, self.diagnostics())
 
-    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor, token_mask: torch.Tensor | None = None):
-        """Mixed logits for the hook, with their gating (z unchanged for a layer with no memory).
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor | Rerouted:
+        """The hook transform: the rows with lambda > 0, routed by their mixed logits (`hooks.Rerouted`); every
+        other row keeps the stock router's own output. z itself for a layer with no memory.
 
         token_mask: (n_tokens,) bool, the rows to search when padding is known (generation's attention mask);
-        bind it with `functools.partial` for one forward. Rows outside it keep their own logits."""
+        bind it with `functools.partial` for one forward. Rows outside it are neither searched nor counted."""
         layer = self.layers.get(site.layer)
         if layer is None:
             return z
@@ -165,24 +167,22 @@ class Retriever:
             sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
         z_sub = z if rows is None else z[rows]
         mixed, lam = mix(z_sub, layer.values[ids], sims)  # (m, E), (m,)
-        if rows is None:
-            out = mixed
-        else:
-            out = z.clone()
-            out[rows] = mixed
-        gated = site.gate(out, h.dtype)  # handed to the hook, which would otherwise gate `out` a second time
-        _, before = site.gate(z_sub, h.dtype)
-        after = gated[1] if rows is None else gated[1][rows]
-        changed = (before.sort(-1).values != after.sort(-1).values).any(-1)
-        confident = lam > 0  # (m,) tokens whose proposal was mixed in at all
-        share = sims[confident, 0] / sims[confident].sum(-1)  # neighbours come nearest first: s_1 is the largest
+        near = (lam > 0).nonzero().squeeze(-1)  # (c,) the searched rows whose proposal is mixed in at all
+        moved = near if rows is None else rows[near]  # (c,) the same, as rows of the batch
+        selection = site.gate(mixed[near], h.dtype)  # handed to the hook, which would otherwise gate a second time
+        _, before = site.gate(z_sub[near], h.dtype)  # lambda = 0 rows are stock by construction: never changed
+        changed = (before.sort(-1).values != selection[1].sort(-1).values).any(-1)
+        share = sims[near, 0] / sims[near].sum(-1)  # neighbours come nearest first: s_1 is the largest
         # summed on the logits' device: no host sync per layer and forward (a GPU run never waits on them)
-        step = torch.stack([lam.sum(), changed.sum(), lam.new_tensor(lam.numel()), share.sum(), confident.sum()])
+        step = torch.stack([lam.sum(), changed.sum(), lam.new_tensor(lam.numel()), share.sum(),
+                            lam.new_tensor(near.numel())])
         stats = self._stats[site.layer]
         if stats.device != step.device:
             stats = self._stats[site.layer] = stats.to(step.device)
         stats += step.to(stats.dtype)
-        return out, gated
+        out = z.clone()
+        out[moved] = mixed[near]
+        return Rerouted(out, moved, selection)
 
 
 def report(options: KnnMoeOptions, diagnostics: dict) -> dict:

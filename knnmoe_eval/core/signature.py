@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from .families import RouterSite
+from .routers import RouterSite
 
 
 def router_fingerprint(site: RouterSite) -> str:

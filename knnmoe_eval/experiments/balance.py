@@ -3,8 +3,8 @@
 The paper compares the average load-balancing loss over the test set of zero-shot, SFT, router-only SFT and
 kNN-MoE, to show that SFT did not collapse the routing. Here every test prompt runs alone (no padding enters the
 statistic) under the method's routing, the routers' logits are read where the hooks see them (after kNN-MoE's
-mixing when there is a retriever), and the family's aux loss (`Family.load_balance`, transformers'
-`load_balancing_loss_func`) is taken per prompt over all MoE layers, as the model computes it for a batch of one.
+mixing when there is a retriever), and transformers' `load_balancing_loss_func` (every family here uses it) is taken
+per prompt over all MoE layers, as the model computes it for a batch of one.
 """
 
 from __future__ import annotations
@@ -12,10 +12,24 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..core.families import RouterSite
-from ..core.hooks import Transform, hooked_routers
+from ..core.routers import RouterSite
+from ..core.hooks import Transform, hooked_routers, routed_logits
+
+
+def switch_load_balance(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func` (Switch Transformer eq. 4-6), one sequence: E * sum_e f_e P_e over
+    the rows of every layer together, where f_e is the share of top-k slots (of the softmax) that went to expert e
+    and P_e the mean softmax probability of e. 1 per slot when balanced (= top_k).
+
+    logits: one (n_tokens, E) tensor per MoE layer, as its router returned them (after any hook)."""
+    z = torch.cat([l.float() for l in logits])  # (layers * n_tokens, E)
+    probs = F.softmax(z, dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices  # (rows, k)
+    f = torch.bincount(selected.reshape(-1), minlength=z.shape[-1]).float() / z.shape[0]  # (E,) summed over slots
+    return z.shape[-1] * (f * probs.mean(0)).sum()
 
 
 class RoutedLogits:
@@ -27,7 +41,7 @@ class RoutedLogits:
 
     def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor):
         out = z if self.inner is None else self.inner(site, h, z)
-        self.logits[site.layer] = (out[0] if isinstance(out, tuple) else out).detach()
+        self.logits[site.layer] = routed_logits(out).detach()
         return out
 
 
@@ -40,11 +54,11 @@ def load_balance(model: torch.nn.Module, sites: Sequence[RouterSite], sequences:
     one the model calls records, so no hook is required to fire."""
     recorder = RoutedLogits(inner)
     device = next(model.parameters()).device
-    family, top_k = sites[0].family, sites[0].top_k
+    top_k = sites[0].top_k
     losses = []
     with hooked_routers(sites, recorder, check_fired=False):
         for tokens in tqdm(sequences, desc="load balance", unit="seq"):
             recorder.logits = {}
             model(torch.tensor([tokens], device=device))
-            losses.append(float(family.load_balance([recorder.logits[l] for l in sorted(recorder.logits)], top_k)))
+            losses.append(float(switch_load_balance([recorder.logits[l] for l in sorted(recorder.logits)], top_k)))
     return losses

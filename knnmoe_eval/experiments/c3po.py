@@ -38,7 +38,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..core.build import RefSequence, pad_batch
-from ..core.families import RouterSite, find_routers
+from ..core.routers import RouterSite, find_routers
 from ..core.files import write_json_atomic
 from ..core.hooks import hooked_routers
 from ..errors import KnnMoeError

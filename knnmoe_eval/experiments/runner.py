@@ -301,7 +301,7 @@ class Runner:
     def load_balance(self, run: str, bench: Benchmark, make_lm, config: dict | None = None) -> np.ndarray:
         """The family's load-balancing loss of each test item's prompt under a method's routing (Table 11), cached
         as runs/<run>/<bench>.balance.json. kNN-MoE's logits are read after its mixing (`balance.py`)."""
-        from ..core.families import find_routers
+        from ..core.routers import find_routers
         from .balance import load_balance
 
         contexts = self.zero_shot(bench)["contexts"]

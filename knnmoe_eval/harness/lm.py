@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..core.build import MemoryBuilder, read_texts
-from ..core.families import find_routers
+from ..core.routers import find_routers
 from ..core.hooks import hooked_routers
 from ..core.memory import load_memory
 from ..core.options import split_model_args
