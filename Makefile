@@ -27,7 +27,7 @@ $(VLLM_BIN)/knnmoe-ready: pyproject.toml scripts/vllm_cpu_env.py
 	$(VLLM_BIN)/python scripts/vllm_cpu_env.py
 	touch $@
 
-.PHONY: install install-vllm demo test test-vllm
+.PHONY: install install-vllm demo test test-equivalence test-vllm
 install: $(BIN)/knnmoe-ready
 
 # The demo's figures are the same on every x86 CPU: one thread, MKL's conditional-numerical-reproducibility mode
@@ -39,10 +39,20 @@ install-vllm: $(VLLM_BIN)/knnmoe-ready
 demo: install
 	$(REPRO) $(BIN)/python scripts/demo.py
 
-# the vLLM suite fails (it does not skip) when vLLM cannot be imported
+# The suite once, then the equivalence tests (an empty or far memory is the stock model, bit for bit) once per CPU
+# kernel level this machine has (scripts/kernel_levels.py), then the vLLM suite, which fails (it does not skip) when
+# vLLM cannot be imported.
 test: install install-vllm
-	OMP_NUM_THREADS=2 $(BIN)/pytest -q
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m "not equivalence" --durations=15
+	$(MAKE) test-equivalence
 	$(MAKE) test-vllm
+
+test-equivalence: install
+	set -e; for level in $$($(BIN)/python scripts/kernel_levels.py); do \
+	  echo "== equivalence tests, ATEN_CPU_CAPABILITY=$$level: torch runs" \
+	    "$$(ATEN_CPU_CAPABILITY=$$level $(BIN)/python -c 'import torch; print(torch.backends.cpu.get_cpu_capability())')"; \
+	  ATEN_CPU_CAPABILITY=$$level OMP_NUM_THREADS=2 $(BIN)/pytest -q -m equivalence --durations=5; \
+	done
 
 test-vllm: install-vllm
 	OMP_NUM_THREADS=2 $(VLLM_BIN)/pytest -q tests_vllm

@@ -65,8 +65,8 @@ def synthetic_keys(n: int, d: int, device: torch.device, seed: int, chunk: int =
 
 def gpu_memory(model, n: int, device: torch.device):
     """A Memory held on the GPU (no files): synthetic keys and random values for every MoE layer."""
-    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.memory import LayerMemory, Memory
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.signature import model_signature
 
     sig = model_signature(model, find_routers(model))

@@ -36,8 +36,8 @@ def model(d: int, experts: int, layers: int):
 
 def builder(out: Path, args):
     from knnmoe_eval.core.build import MemoryBuilder
-    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.options import KnnMoeOptions
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.signature import model_signature
 
     m = model(args.d, args.experts, args.layers)

@@ -58,8 +58,8 @@ def synthetic_keys(n: int, d: int, seed: int = 0, draw: int | None = None, chunk
 
 
 def random_memory(path: Path, model, n: int, seed: int = 0) -> Path:
-    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.memory import write_memory
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.signature import model_signature
 
     sig = model_signature(model, find_routers(model))

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from knnmoe_eval.core.families import FAMILIES
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.core.memory import write_memory
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.signature import model_signature
 from knnmoe_eval.experiments.toy import ToyConfig
 from knnmoe_eval.testing import make_tiny_model, save_tiny
@@ -18,6 +18,10 @@ from knnmoe_eval.testing import make_tiny_model, save_tiny
 SMALL_TOY = ToyConfig(n_train=64, n_indomain_test=12, n_shift_ref=6, n_shift_test=10, steps=2, batch_size=8)
 
 TASKS = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
+
+
+def pytest_report_header(config):
+    return f"torch CPU kernels: {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY forces a level)"
 
 
 @pytest.fixture(params=FAMILIES)

@@ -7,9 +7,9 @@ from safetensors.torch import load_file, save_file
 
 from knnmoe_eval import KnnMoeError, KnnMoeOptions
 from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import load_memory
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.testing import make_tiny_model
 
 

@@ -8,8 +8,8 @@ import torch
 
 from knnmoe_eval.benchmarks.fewshot import TfidfEncoder
 from knnmoe_eval.core.build import RefSequence
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.experiments.c3po import C3PO, C3POOptions, Pathway, Reference
 from knnmoe_eval.testing import make_tiny_model
 
@@ -134,7 +134,8 @@ def test_c3po_through_lm_eval_on_the_toy(tmp_path, monkeypatch):
 ])
 def test_bad_options_are_refused_with_the_fix(args, error):
     from knnmoe_eval import KnnMoeError
-    from knnmoe_eval.experiments.c3po import split_options
+    from knnmoe_eval.core.options import split_model_args
+    from knnmoe_eval.experiments.c3po import C3POOptions
 
     with pytest.raises(KnnMoeError, match=error):
-        split_options(args)
+        split_model_args(args, set(), C3POOptions, "hf-c3po model_arg")

@@ -27,6 +27,7 @@ def test_every_family_has_a_tiny_model():
     assert set(TINY) == set(FAMILIES) and len(FAMILIES) >= 25
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_left_alone_get_the_stock_routers_own_output_bit_for_bit(family, dtype):
     """The door's guarantee: untouched rows are the stock router's own output, whatever the restatement computes;
@@ -88,6 +89,7 @@ def test_faithful_means_the_same_experts_and_weights_within_a_few_ulps():
     assert "2 tensors" in unfaithful((weights, experts), (weights,))
 
 
+@pytest.mark.equivalence
 def test_a_far_memory_is_stock_even_where_the_restatement_is_wrong(monkeypatch, tmp_path):
     """Stock by construction: with every restated router output doubled, a far memory still reproduces the model
     bit for bit, because no row goes through the restatement."""

@@ -11,9 +11,9 @@ import types
 import pytest
 import torch
 
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.gradient import LeafLogits, optimise_logits
 from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.testing import make_tiny_model
 
 LAYERS = 4

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.testing import make_tiny_model
 
 IDS = torch.randint(4, 250, (1, 8), generator=torch.Generator().manual_seed(0))

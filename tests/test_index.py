@@ -256,9 +256,9 @@ def test_every_index_through_the_retrieval_path_agrees_with_exact(tmp_path, name
 
 
 def test_a_nan_router_input_is_refused_before_the_search(tmp_path):
-    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.memory import load_memory
     from knnmoe_eval.core.retrieval import Retriever
+    from knnmoe_eval.core.routers import find_routers
 
     model = make_tiny_model("olmoe")
     memory = load_memory(write_constant_memory(tmp_path / "m", model, router_inputs(model, IDS),

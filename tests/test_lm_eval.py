@@ -14,8 +14,8 @@ from conftest import TASKS, empty_keys, router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.families import FAMILIES
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.memory import load_memory, write_memory
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.signature import model_signature
 
 # the families run through lm-eval here: one per router shape (the rest go through attach() in test_retrieval);
@@ -175,14 +175,17 @@ def test_left_padded_generation_searches_only_real_tokens_and_equals_unpadded(ol
         assert d["tokens"] == real == sum(a[layer]["tokens"] for _, a in alone)
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("family", LM_EVAL_FAMILIES)
-def test_family_through_lm_eval_reproduces_stock_then_builds_and_retrieves(family, tiny_dir, tmp_path):
+@pytest.mark.equivalence
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_empty_and_far_memories_reproduce_hf_through_lm_eval(family, dtype, tiny_dir, tmp_path):
+    """Every family, both dtypes: an empty memory and one whose keys are far from every token give lm-eval's `hf`
+    results exactly (loglikelihoods and generations), on whatever CPU kernels this run uses."""
     from transformers import AutoModelForCausalLM
 
     pretrained = tiny_dir(family)
     model = AutoModelForCausalLM.from_pretrained(pretrained)
     tasks = ["tinyqa", "tinyqa_gen"]  # loglikelihood and generate_until
-    stock = evaluate("hf", f"pretrained={pretrained}", tasks)
+    stock = evaluate("hf", f"pretrained={pretrained},dtype={dtype}", tasks, limit=2)
     hidden = model_signature(model, find_routers(model))["hidden_size"]
     memories = {
         "empty": empty_keys(model),
@@ -190,10 +193,19 @@ def test_family_through_lm_eval_reproduces_stock_then_builds_and_retrieves(famil
     }
     for kind, keys in memories.items():
         mem = write_constant_memory(tmp_path / kind, model, keys, lambda l, n, e: torch.randn(n, e) * 100)
-        ours = evaluate("hf-knnmoe", f"pretrained={pretrained},memory={mem},sigma=1", tasks)
+        ours = evaluate("hf-knnmoe", f"pretrained={pretrained},dtype={dtype},memory={mem},sigma=1", tasks, limit=2)
         for task in tasks:
             assert per_doc(ours, task) == per_doc(stock, task), (kind, task)
+        assert all(d["tokens"] > 0 and d["mean_lambda"] == 0 for d in ours["config"]["knnmoe"]["diagnostics"].values())
 
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("family", LM_EVAL_FAMILIES)
+def test_family_builds_and_retrieves_through_lm_eval(family, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pretrained = tiny_dir(family)
+    model = AutoModelForCausalLM.from_pretrained(pretrained)
     built = tmp_path / "built"
     grad = "dense" if family == "phimoe" else "paper"  # see test_families: sparsemixer's paper gradient vanishes
     evaluate("hf-knnmoe", f"pretrained={pretrained},mode=build,memory={built},eta=1e6,grad={grad}", ["tinyqa_ref"])

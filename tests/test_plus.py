@@ -2,6 +2,7 @@
 stored-positions-only leaves and the keys read under the optimised routing."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,12 +10,12 @@ from conftest import router_inputs, signature
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.gradient import optimise_logits
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.mixing import mix, within_radius
-from knnmoe_eval.core.options import PRESETS, UNCALIBRATED, default, resolve, split_model_args
+from knnmoe_eval.core.options import PRESETS, UNCALIBRATED, KnnMoeOptions, default, split_model_args
 from knnmoe_eval.core.retrieval import attach
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.sigma import RadiusSpec, layer_stats
 from knnmoe_eval.testing import make_tiny_model
 
@@ -29,7 +30,7 @@ def sequences(n=6, length=9, n_cont=1):
 
 
 def build(model, path, **given):
-    b = MemoryBuilder(model, find_routers(model), signature(model), resolve({"memory": str(path), "mode": "build", **given}))
+    b = MemoryBuilder(model, find_routers(model), signature(model), KnnMoeOptions(memory=str(path), mode="build", **given))
     b.run(sequences(), pad_id=0, batch_size=3)
     b.finalize()
     return load_memory(path)
@@ -52,6 +53,17 @@ def test_preset_sets_defaults_and_explicit_options_win():
         split_model_args({"preset": "best", "memory": "m"}, set())
 
 
+def test_constructing_the_options_with_a_preset_applies_it():
+    """`KnnMoeOptions(preset="plus")` is what it claims, however it is made: directly, through attach()'s keywords,
+    or through model_args; a copy with one option changed keeps the rest."""
+    direct = KnnMoeOptions(preset="plus", memory="m", calibration=__file__, mode="build")
+    parsed, _ = split_model_args({"preset": "plus", "memory": "m", "calibration": __file__, "mode": "build"}, set())
+    assert direct == parsed and {k: getattr(direct, k) for k in PRESETS["plus"]} == PRESETS["plus"]
+    assert KnnMoeOptions(preset="plus", memory="m").radius_scale == UNCALIBRATED["plus"]["radius_scale"]
+    assert KnnMoeOptions(memory="m").grad == "paper" == default("grad")
+    assert replace(direct, k=4).grad == "dense" and replace(direct, k=4).k == 4
+
+
 def test_paper_preset_builds_the_memory_a_build_without_preset_builds(tmp_path):
     model = make_tiny_model("olmoe")
     plain = build(model, tmp_path / "plain")
@@ -59,7 +71,8 @@ def test_paper_preset_builds_the_memory_a_build_without_preset_builds(tmp_path):
     for layer in plain.layers:
         name = plain.manifest["layers"][str(layer)]["file"]
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "paper" / name).read_bytes()
-    strip = lambda m: {k: v for k, v in m.items() if k != "created"}  # noqa: E731
+    # the manifest's own checksum covers its creation time, which differs once the builds straddle a second
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created", "manifest_sha256")}  # noqa: E731
     assert strip(plain.manifest) == strip(paper.manifest)
     assert "radius" not in plain.manifest["layers"][str(layer)]
 
@@ -197,8 +210,8 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
     with pytest.raises(KnnMoeError, match="needs a 'text' field"):
         list(read_texts(str(tmp_path / "bad.jsonl")))
     model = make_tiny_model("olmoe")
-    opts = resolve({"memory": str(tmp_path / "mem"), "mode": "build", "preset": "plus", "calibration": str(text),
-                    "calibration_quantile": 0.0})
+    opts = KnnMoeOptions(memory=str(tmp_path / "mem"), mode="build", preset="plus", calibration=str(text),
+                         calibration_quantile=0.0)
     b = MemoryBuilder(model, find_routers(model), signature(model), opts)
     b.run(sequences(), pad_id=0, batch_size=3)
     b.read_calibration(([1] + [ord(c) + 4 for c in t] for t in read_texts(str(text))), pad_id=0, batch_size=2)

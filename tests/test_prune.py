@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import router_inputs, signature
 
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.memory import load_memory, write_memory
 from knnmoe_eval.core.prune import main, prune_memory
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.errors import KnnMoeError
 from knnmoe_eval.testing import make_tiny_model
 

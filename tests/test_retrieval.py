@@ -7,18 +7,20 @@ import torch
 from conftest import empty_keys, router_inputs, signature, write_constant_memory
 
 from knnmoe_eval import KnnMoeOptions, attach
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.hooks import hooked_routers, routed_logits
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.retrieval import Retriever
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.testing import make_tiny_model
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.equivalence
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("memory_kind", ["empty", "far"])
-def test_memory_with_nothing_near_reproduces_the_stock_model(tmp_path, family, memory_kind):
-    model = make_tiny_model(family)
+def test_memory_with_nothing_near_reproduces_the_stock_model(tmp_path, family, memory_kind, dtype):
+    model = make_tiny_model(family).to(dtype)
     if memory_kind == "empty":
         keys = empty_keys(model)
     else:

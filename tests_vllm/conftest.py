@@ -15,8 +15,8 @@ import lm_eval.tasks
 import pytest
 import torch
 
-from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.memory import write_memory
+from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.signature import model_signature
 from knnmoe_eval.testing import save_tiny
 

@@ -29,12 +29,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..errors import KnnMoeError
-from .routers import RouterSite
 from .files import save_tensors_atomic, sha256_file, write_json_atomic
 from .gradient import optimise_logits
 from .hooks import hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
 from .options import BUILD_FIELDS, KnnMoeOptions
+from .routers import RouterSite
 from .sigma import RadiusSpec
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .routers import RouterSite
 from .hooks import hooked_routers
+from .routers import RouterSite
 
 
 class LeafLogits:

@@ -1,9 +1,12 @@
 """Every kNN-MoE option, its default and its validation, in one place.
 
 `hf-knnmoe` model_args are split here into ours and lm-eval's `hf` ones; ours become one frozen options object
-that is validated once at load time and passed whole. Field metadata carries the help text (as peft configs do).
-A preset (`preset=plus`) only fills in the options not given explicitly: build options through `resolve` (as
-`split_model_args` and `attach` do), never `KnnMoeOptions(preset=...)` directly, which would not apply it.
+that is validated once at load time and passed whole. Field metadata carries the help text (as peft configs do) and
+the paper's default; the README's option table is generated from them (`python -m knnmoe_eval.core.options`).
+
+A preset is applied by construction: `KnnMoeOptions(preset="plus")` holds plus's settings, and every option given
+explicitly wins over the preset. `option` and `split_model_args` also serve the other model classes' options
+(hf-c3po's), so that every model_arg is parsed, coerced and refused the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
+from functools import partial
 from typing import Any, Literal, get_args
 
 from ..errors import KnnMoeError
@@ -20,8 +25,24 @@ from .mixing import SIMILARITIES
 Mode = Literal["eval", "build"]
 
 
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+class _Unset:
+    """The value of an option nobody gave: the preset (or the paper's default) fills it in at construction."""
+
+    def __repr__(self) -> str:
+        return "<preset's>"
+
+
+UNSET = _Unset()
+
+
+def option(text: str, default: Any, presets: bool = False, shown: str | None = None) -> Any:
+    """A dataclass field with its help text and default; `presets`: a preset may set it (KnnMoeOptions); `shown`:
+    how the option table names the default (`auto` for a None that means "the package decides")."""
+    meta = {"help": text, "default": default, "shown": shown}
+    return field(default=UNSET if presets else default, metadata=meta)
+
+
+_help = partial(option, presets=True)
 
 
 _CHOICES = {  # options that take one of a few words
@@ -37,44 +58,51 @@ _CHOICES = {  # options that take one of a few words
 
 @dataclass(frozen=True)
 class KnnMoeOptions:
-    preset: str = _help("paper: the paper's method | plus: our recipe (docs/plus.md). Sets the defaults of the options it names; an option given explicitly wins", default="paper")
+    preset: str = _help("`paper`: every default below is the paper's method; `plus`: our recipe, which sets the defaults of `grad`, `optimizer`, `eta`, `steps`, `free`, `keys`, `radius_quantile`, `radius_scale`, `confidence` (an option given explicitly wins; [docs/plus.md](docs/plus.md)). A memory records its preset, and evaluating it with another preset's build side is refused", default="paper")
     memory: str | None = _help("memory directory: read in eval mode, written in build mode", default=None)
-    mode: str = _help("eval: route with the memory; build: teacher-force the task's gold answers into a memory", default="eval")
+    mode: str = _help("`build` teacher-forces the task's gold answers into `memory`", default="eval")
     # retrieval and mixing
-    k: int = _help("neighbours retrieved per token and layer (paper default 1)", default=1)
-    similarity: str = _help("rbf | rbf_l2 (rbf on L2-normalised vectors) | cosine", default="rbf")
-    sigma: float | None = _help("RBF bandwidth; None/auto: 2*sigma^2 = the memory's mean squared NN distance", default=None)
-    max_distance: float | None = _help("lambda = 0 for neighbours farther than this (off by default)", default=None)
-    confidence: str = _help("kernel: lambda = mean similarity (the paper) | radius: lambda = share of the k neighbours within the layer's calibrated radius (needs a memory built with radius_quantile; beyond the paper)", default="kernel")
-    index: str = _help("exact (fp16 keys, exact search: the paper's default) | ivfpq (the paper's kNN-MoE (IVFPQ): PCA d/8, IVF, 8-bit scalar codes, nprobe 32, no re-ranking) | ivfpq_rerank (ours: PCA d/8, IVF, 32-byte PQ codes, nprobe 8, candidates re-ranked on the fp16 keys; faster on a CPU) | hnsw (re-ranked) | a faiss factory string (re-ranked); docs/retrieval.md", default="exact")
-    nprobe: int | None = _help("IVF lists searched per query; None/auto: the index's own (ivfpq 32 as the paper, ivfpq_rerank and factory strings 8)", default=None)
-    verify: bool = _help("check every memory file's sha256 when loading", default=True)
-    diagnostics: str | None = _help("also write per-layer lambda / top-k change statistics to this JSON file", default=None)
+    k: int = _help("neighbours per token and layer (paper default)", default=1)
+    similarity: str = _help("`rbf`, `rbf_l2` (RBF on L2-normalised vectors), `cosine`", default="rbf")
+    sigma: float | None = _help("RBF bandwidth; auto: 2σ² = the memory's mean squared nearest-neighbour distance", default=None, shown="auto")
+    max_distance: float | None = _help("λ = 0 beyond this distance (the exp kernel alone never reaches 0)", default=None, shown="off")
+    confidence: str = _help("`kernel`: λ = mean similarity (the paper); `radius`: λ = share of the k neighbours within the layer's calibrated radius (needs a memory built with `radius_quantile`; beyond the paper)", default="kernel")
+    index: str = _help("`exact` (fp16 keys, exact search: the paper's default), `ivfpq` (the paper's kNN-MoE (IVFPQ): PCA d/8, 8-bit scalar codes, nprobe 32, no re-rank), `ivfpq_rerank` (ours: 32-byte PQ codes, nprobe 8, re-ranked on the fp16 keys), `hnsw`, or a faiss factory string", default="exact")
+    nprobe: int | None = _help("IVF lists searched; auto: the index's own (`ivfpq` 32 as the paper, otherwise 8)", default=None, shown="auto")
+    verify: bool = _help("check every memory file's sha256 at load", default=True)
+    diagnostics: str | None = _help("also write per-layer λ / top-k change statistics to this JSON file", default=None)
     # Selective (paper Table 3): retrieval off where the stock model already finds the request's context likely
-    selective_ppl: float | None = _help("retrieval off for requests whose context the stock model gives a perplexity below this", default=None)
-    selective_fraction: float | None = _help("retrieval off for this fraction of each task's documents, those of lowest stock context perplexity (a first pass over the task's requests; per rank under data parallelism)", default=None)
+    selective_ppl: float | None = _help("the paper's Selective variant: retrieval off for requests whose context the stock model gives a perplexity below this (a first stock pass)", default=None, shown="off")
+    selective_fraction: float | None = _help("Selective by share: retrieval off for this fraction of each task's documents, those of lowest stock context perplexity (the paper: 0.33)", default=None, shown="off")
     # building
-    eta: float = _help("step size of the gradient step(s) on the router logits (the paper's value is lost from its text; 100 chosen on the toy, docs/paper-vs-package.md)", default=100.0)
-    steps: int = _help("gradient steps T on the logit offsets (paper default 1)", default=1)
-    loss: str = _help("sum: the NLL of every scored token, summed (Eq. 2; exact for one-token answers) | mean: each sequence's mean (steps shrink with the answer's length)", default="sum")
-    grad: str = _help("paper: the router's own gradient; dense: straight-through dense mixture of all experts under the family's gating rule (beyond the paper)", default="paper")
-    optimizer: str = _help("sgd (the paper's plain steps) | adam (beyond the paper; for steps > 1)", default="sgd")
-    free: str = _help("all: every position's logits are leaves (the paper) | kept: only the stored positions' logits move, so a value does not count on routing changes elsewhere that retrieval will not make (beyond the paper)", default="all")
-    keys: str = _help("stock: keys are router inputs under stock routing (the paper) | mixed: re-read after the steps with the stored positions routed by their values, as retrieval will route them (beyond the paper)", default="stock")
-    radius_quantile: float | None = _help("build: store each layer's confidence radius, radius_scale x this quantile of the keys' leave-one-out nearest-neighbour distances (off by default)", default=None)
+    eta: float = _help("build: step size on the router logits (the paper's value is lost from its text; chosen on the toy, [docs/paper-vs-package.md](docs/paper-vs-package.md))", default=100.0)
+    steps: int = _help("build: gradient steps T (paper: 1)", default=1)
+    loss: str = _help("build: the NLL of every scored token summed (the paper's Eq. 2, exact for one-token answers), or `mean` per sequence (an n-token answer's steps shrink n-fold)", default="sum")
+    grad: str = _help("build: `paper` (the router's own gradient) or `dense` (straight-through dense mixture of all experts under the family's gating rule, [docs/families.md](docs/families.md); beyond the paper)", default="paper")
+    optimizer: str = _help("build: `sgd` (paper) or `adam` (beyond the paper, for `steps` > 1)", default="sgd")
+    free: str = _help("build: `all` positions' logits are leaves (the paper); `kept`: only the stored positions' logits move (beyond the paper)", default="all")
+    keys: str = _help("build: keys under stock routing (the paper); `mixed`: re-read with the stored positions routed by their values (beyond the paper)", default="stock")
+    radius_quantile: float | None = _help("build: store each layer's confidence radius, radius_scale x this quantile of the keys' leave-one-out nearest-neighbour distances (off by default)", default=None, shown="off")
     radius_scale: float = _help("build: the radius as a multiple of that quantile", default=1.0)
     calibration: str | None = _help("build: a file of text that is NOT the memory's domain (one text per line, or JSONL with a 'text' field; never test data): each layer's radius stays below the calibration_quantile of its tokens' distances to the nearest key", default=None)
     calibration_quantile: float = _help("build: see calibration", default=0.001)
-    positions: str = _help("answer: positions whose next token is in the gold continuation | all: every position after the first, each scored on its own next token (the paper's every time step)", default="answer")
-    shard_tokens: int = _help("build: flush a shard to disk every this many stored positions (resume granularity)", default=50_000)
-    labels: str | None = _help("build: teacher-force the answers of this labels file (python -m knnmoe_eval.harness.labels) instead of gold", default=None)
+    positions: str = _help("build: keep (and score) positions whose next token is in the gold answer, or `all` positions after the first, each scored on its own next token (the paper's every time step)", default="answer")
+    shard_tokens: int = _help("build: flush a shard every this many stored positions (resume granularity)", default=50_000)
+    labels: str | None = _help("build: teacher-force the answers of a labels file (self- or judge-labelled references, [docs/unlabelled.md](docs/unlabelled.md)) instead of gold", default=None)
 
     def __post_init__(self):
         def bad(name, why):
             raise KnnMoeError(f"model_arg {name}={getattr(self, name)!r}: {why}")
 
-        if self.preset not in PRESETS:
-            bad("preset", f"choose one of {', '.join(PRESETS)}")
+        preset = self.preset if self.preset is not UNSET else "paper"
+        if preset not in PRESETS:
+            raise KnnMoeError(f"model_arg preset={preset!r}: choose one of {', '.join(PRESETS)}")
+        given = PRESETS[preset]
+        if self.calibration in (None, UNSET):
+            given = {**given, **UNCALIBRATED.get(preset, {})}
+        for f in fields(self):
+            if getattr(self, f.name) is UNSET:
+                object.__setattr__(self, f.name, given.get(f.name, f.metadata["default"]))
         if self.mode not in get_args(Mode):
             bad("mode", "choose eval or build")
         if self.memory is None:
@@ -151,52 +179,63 @@ def default(name: str, preset: str = "paper") -> Any:
     """The default of option `name` under `preset`: the runner, the demo and the docs read it from here."""
     if name in PRESETS.get(preset, {}):
         return PRESETS[preset][name]
-    return next(f.default for f in fields(KnnMoeOptions) if f.name == name)
+    return next(f.metadata["default"] for f in fields(KnnMoeOptions) if f.name == name)
 
 
-def resolve(given: dict) -> KnnMoeOptions:
-    """Options from what the user gave: the preset's values fill in every option not given explicitly."""
-    preset = given.get("preset", "paper")
-    if preset not in PRESETS:
-        raise KnnMoeError(f"model_arg preset={preset!r}: choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **given}
-    if values.get("calibration") is None:
-        values = {**values, **UNCALIBRATED.get(preset, {}), **given}
-    return KnnMoeOptions(**values)
+NONE_WORDS = ("auto", "none", "None", "")  # what a model_arg may say for "not set", where None is allowed
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """lm-eval parses model_args itself ("1" -> 1, "True" -> True); finish the job for our fields."""
-    if name in ("sigma", "max_distance", "diagnostics", "memory", "labels", "nprobe", "selective_ppl",
-                "selective_fraction", "radius_quantile", "calibration") and value in (None, "auto", "none", "None", ""):
+def parse(f, value: Any, label: str) -> Any:
+    """One model_arg's value as field `f`'s annotated type (lm-eval has already turned "1" into 1 and "True" into
+    True; finish the job): "auto"/"none" -> None where None is allowed, integers, numbers, booleans, text."""
+    kinds = {t.strip() for t in str(f.type).split("|")}
+    if "None" in kinds and (value is None or value in NONE_WORDS):
         return None
-    if name in ("k", "steps", "nprobe", "shard_tokens"):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-    if name in ("sigma", "max_distance", "eta", "selective_ppl", "selective_fraction", "radius_quantile", "radius_scale",
-                "calibration_quantile") and isinstance(value, (int, float, str)):
+    if "bool" in kinds:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+        raise KnnMoeError(f"{label} {f.name}={value!r}: choose true or false")
+    if "int" in kinds or "float" in kinds:
         try:
-            return float(value)
-        except ValueError:
-            raise KnnMoeError(f"model_arg {name}={value!r} is not a number") from None
-    if name == "verify" and isinstance(value, str):
-        return value.lower() not in ("false", "0", "no")
-    return str(value) if name in ("memory", "diagnostics", "index", "labels", "preset", "calibration") else value
+            number = float(value)
+        except (TypeError, ValueError):
+            raise KnnMoeError(f"{label} {f.name}={value!r} is not a number") from None
+        if "float" in kinds:
+            return number
+        if not number.is_integer():
+            raise KnnMoeError(f"{label} {f.name}={value!r} must be an integer")
+        return int(number)
+    return str(value)
 
 
-def split_model_args(kwargs: dict, passthrough: set[str]) -> tuple[KnnMoeOptions, dict]:
-    """Our options and the rest. `passthrough` are the names `hf` itself accepts; anything else that looks like a
-    misspelling of one of ours is refused instead of being forwarded to `from_pretrained`."""
-    ours = {k: _coerce(k, v) for k, v in kwargs.items() if k in OPTION_NAMES}
-    rest = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+def split_model_args(kwargs: dict, passthrough: set[str], cls: type = None, label: str = "model_arg"):
+    """`cls`'s options (KnnMoeOptions by default) and the rest. `passthrough` are the names the wrapped lm-eval model
+    itself accepts; anything else that looks like a misspelling of one of ours is refused instead of being forwarded
+    to `from_pretrained`."""
+    cls = cls or KnnMoeOptions
+    ours = {f.name: f for f in fields(cls)}
+    rest = {k: v for k, v in kwargs.items() if k not in ours}
     for name in rest:
         if name in passthrough:
             continue
-        close = difflib.get_close_matches(name, OPTION_NAMES, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(name, ours, n=1, cutoff=0.75)
         if close:
-            raise KnnMoeError(
-                f"unknown model_arg {name!r}; did you mean {close[0]!r}? kNN-MoE options: {', '.join(OPTION_NAMES)}"
-            )
-    return resolve(ours), rest
+            raise KnnMoeError(f"unknown {label} {name!r}; did you mean {close[0]!r}? Options: {', '.join(ours)}")
+    return cls(**{k: parse(ours[k], v, label) for k, v in kwargs.items() if k in ours}), rest
+
+
+def markdown_table(cls: type = None) -> str:
+    """The README's option table: one row per option, its default and its help text."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for f in fields(cls or KnnMoeOptions):
+        d = f.metadata["default"]
+        shown = f.metadata.get("shown") or ("—" if d is None else str(d).lower() if isinstance(d, bool)
+                                            else f"{d:g}" if isinstance(d, float) else d)
+        rows.append(f"| `{f.name}` | {shown if shown == '—' else f'`{shown}`'} | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

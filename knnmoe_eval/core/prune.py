@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..errors import KnnMoeError
-from .routers import RouterSite, find_routers
 from .memory import LayerMemory, Memory, load_memory, write_memory_streamed
+from .routers import RouterSite, find_routers
 from .signature import model_signature
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from ..errors import KnnMoeError
 from . import index as knn_index
-from .routers import RouterSite, find_routers
 from .files import write_json_atomic
 from .hooks import Rerouted, hooked_routers
 from .index import l2_normalize
 from .memory import Memory, load_memory
 from .mixing import mix, similarity, within_radius
-from .options import KnnMoeOptions, resolve
+from .options import KnnMoeOptions
+from .routers import RouterSite, find_routers
 from .sigma import two_sigma2
 from .signature import model_signature
 
@@ -204,7 +204,7 @@ def attach(model: torch.nn.Module, memory: str | Path | Memory, **options) -> It
         print(retriever.diagnostics())
     """
     mem = memory if isinstance(memory, Memory) else load_memory(memory, verify=options.get("verify", True))
-    opts = resolve({"memory": str(mem.path), **options})
+    opts = KnnMoeOptions(**{"memory": str(mem.path), **options})
     retriever = Retriever(model, mem, opts)
     with hooked_routers(retriever.sites, retriever, check_fired=False):
         yield retriever

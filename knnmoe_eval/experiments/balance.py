@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..core.routers import RouterSite
 from ..core.hooks import Transform, hooked_routers, routed_logits
+from ..core.routers import RouterSite
 
 
 def switch_load_balance(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:

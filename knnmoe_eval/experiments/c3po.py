@@ -22,14 +22,12 @@ own gating turns it into weights. The reference set is the same `_ref` task ever
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +36,10 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..core.build import RefSequence, pad_batch
-from ..core.routers import RouterSite, find_routers
 from ..core.files import write_json_atomic
 from ..core.hooks import hooked_routers
+from ..core.options import option, split_model_args
+from ..core.routers import RouterSite, find_routers
 from ..errors import KnnMoeError
 from ..harness.requests import encode_request, refuse_several_answers
 
@@ -49,21 +48,17 @@ log = logging.getLogger(__name__)
 _HF_ARGS = set(inspect.signature(HFLM.__init__).parameters)
 
 
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
 @dataclass(frozen=True)
 class C3POOptions:
-    references: str | None = _help("JSON of the references and whether the stock model answers them: written by mode=build, read in eval mode", default=None)
-    mode: str = _help("eval: answer with per-input NGD; build: record which references the stock model answers", default="eval")
-    neighbours: int = _help("successful neighbours per test input (C3PO's code: 3)", default=3)
-    layers: int = _help("critical layers: the last this many MoE layers (C3PO: the last 5 of OLMoE's 16)", default=5)
-    core_experts: int = _help("core experts: only the top this many of the initial weights move (C3PO: 20 of 64)", default=20)
-    steps: int = _help("NGD steps per test input (C3PO: about 10 suffice)", default=10)
-    lr: float = _help("NGD step size on the router logits", default=10.0)
-    sigma: float = _help("bandwidth of the Gaussian kernel on unit sentence embeddings", default=1.0)
-    encoder: str | None = _help("sentence encoder, as the similarity 5-shot baseline's (fewshot.make_encoder): auto | qwen3 | minilm | tfidf | DIR; default $KNNMOE_FEWSHOT_ENCODER or auto", default=None)
+    references: str | None = option("JSON of the references and whether the stock model answers them: written by mode=build, read in eval mode", None)
+    mode: str = option("eval: answer with per-input NGD; build: record which references the stock model answers", "eval")
+    neighbours: int = option("successful neighbours per test input (C3PO's code: 3)", 3)
+    layers: int = option("critical layers: the last this many MoE layers (C3PO: the last 5 of OLMoE's 16)", 5)
+    core_experts: int = option("core experts: only the top this many of the initial weights move (C3PO: 20 of 64)", 20)
+    steps: int = option("NGD steps per test input (C3PO: about 10 suffice)", 10)
+    lr: float = option("NGD step size on the router logits", 10.0)
+    sigma: float = option("bandwidth of the Gaussian kernel on unit sentence embeddings", 1.0)
+    encoder: str | None = option("sentence encoder, as the similarity 5-shot baseline's (fewshot.make_encoder): auto | qwen3 | minilm | tfidf | DIR; default $KNNMOE_FEWSHOT_ENCODER or auto", None)
 
     def __post_init__(self):
         def bad(name, why):
@@ -80,31 +75,6 @@ class C3POOptions:
                 bad(name, "must be an integer >= 1")
         if not self.lr > 0 or not self.sigma > 0:
             bad("lr" if not self.lr > 0 else "sigma", "must be > 0")
-
-
-_OPTIONS = {f.name: f for f in fields(C3POOptions)}
-
-
-def split_options(kwargs: dict) -> tuple[C3POOptions, dict]:
-    """Our model_args (lm-eval has already turned "3" into 3) and the rest, for `hf`; a near-miss of one of ours
-    that `hf` does not take either is refused rather than handed to `from_pretrained`."""
-    ours = {}
-    for name, value in kwargs.items():
-        if name not in _OPTIONS:
-            close = difflib.get_close_matches(name, _OPTIONS, n=1, cutoff=0.75)
-            if close and name not in _HF_ARGS:
-                raise KnnMoeError(f"unknown hf-c3po model_arg {name!r}; did you mean {close[0]!r}?")
-            continue
-        kind = _OPTIONS[name].type
-        try:
-            number = float(value) if kind in ("int", "float") else None
-        except ValueError:
-            raise KnnMoeError(f"hf-c3po model_arg {name}={value!r} is not a number") from None
-        if kind == "int" and not number.is_integer():
-            raise KnnMoeError(f"hf-c3po model_arg {name}={value!r} must be an integer")
-        ours[name] = (int(number) if kind == "int" else number if kind == "float"
-                      else None if value in (None, "", "None", "none") else str(value))
-    return C3POOptions(**ours), {k: v for k, v in kwargs.items() if k not in _OPTIONS}
 
 
 # -- the method, on any HF MoE model -----------------------------------------------------------------------------
@@ -244,7 +214,7 @@ class C3POLM(HFLM):
     """lm-eval's `hf` answering each test input after its own NGD; batching and tokenization stay `hf`'s."""
 
     def __init__(self, pretrained, **kwargs):
-        self.c3po, hf_kwargs = split_options(kwargs)
+        self.c3po, hf_kwargs = split_model_args(kwargs, _HF_ARGS, C3POOptions, "hf-c3po model_arg")
         super().__init__(pretrained=pretrained, **hf_kwargs)
         self.sites = find_routers(self.model)
         self.pathway: Pathway | None = None  # set while one test input is answered

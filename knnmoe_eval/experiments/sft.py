@@ -54,8 +54,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..core.build import RefSequence, pad_batch
-from ..core.routers import find_routers
 from ..core.files import atomic_path, save_tensors_atomic, write_json_atomic
+from ..core.routers import find_routers
 from ..errors import KnnMoeError
 from ..harness.requests import encode_request, refuse_several_answers
 

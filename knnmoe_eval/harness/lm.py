@@ -23,11 +23,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..core.build import MemoryBuilder, read_texts
-from ..core.routers import find_routers
 from ..core.hooks import hooked_routers
 from ..core.memory import load_memory
 from ..core.options import split_model_args
 from ..core.retrieval import Retriever
+from ..core.routers import find_routers
 from ..core.signature import model_signature
 from ..errors import KnnMoeError
 from .requests import reference_sequences
