@@ -38,7 +38,8 @@ _CHOICES = {  # options that take one of a few words
 @dataclass(frozen=True)
 class KnnMoeOptions:
     preset: str = _help("paper: the paper's method | plus: our recipe (docs/plus.md). Sets the defaults of the options it names; an option given explicitly wins", default="paper")
-    memory: str | None = _help("memory directory: read in eval mode, written in build mode", default=None)
+    memory: str | None = _help("memory directory: read in eval mode, written in build mode; in eval mode also a Hub repo id org/name[/subfolder] when no such directory exists", default=None)
+    memory_revision: str = _help("memory=org/name from the Hub: the branch, tag or commit to read (the commit it resolves to is recorded in the results JSON); ignored for a local directory", default="main")
     mode: str = _help("eval: route with the memory; build: teacher-force the task's gold answers into a memory", default="eval")
     # retrieval and mixing
     k: int = _help("neighbours retrieved per token and layer (paper default 1)", default=1)
@@ -183,7 +184,8 @@ def _coerce(name: str, value: Any) -> Any:
             raise KnnMoeError(f"model_arg {name}={value!r} is not a number") from None
     if name == "verify" and isinstance(value, str):
         return value.lower() not in ("false", "0", "no")
-    return str(value) if name in ("memory", "diagnostics", "index", "labels", "preset", "calibration") else value
+    return str(value) if name in ("memory", "memory_revision", "diagnostics", "index", "labels", "preset",
+                                  "calibration") else value
 
 
 def split_model_args(kwargs: dict, passthrough: set[str]) -> tuple[KnnMoeOptions, dict]:
