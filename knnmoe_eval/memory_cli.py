@@ -69,11 +69,11 @@ def _num(x) -> str:
 
 
 def verify(args) -> int:
-    from .core.hub import push_files
+    from .core.hub import verified_files
 
     source = _source(args)
     try:
-        files = push_files(source.path)  # what loading checks (every sha256, the schema), and the saved indexes
+        files = verified_files(source.path)  # what loading checks, and the saved indexes
     except KnnMoeError as e:
         print(f"DEFECT: {e}", file=sys.stderr)
         return 1

@@ -28,15 +28,9 @@ def layer_file_bytes(num_keys: int, hidden_size: int, num_experts: int) -> int:
 
 def hub_model_id(name_or_path: str) -> str | None:
     """`name_or_path` when it reads as a Hub model id (org/name), else None (a local path is no base_model)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import split_hub_id
 
-    if name_or_path.count("/") != 1:
-        return None
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        return None
-    return name_or_path
+    return name_or_path if split_hub_id(name_or_path) == (name_or_path, None) else None
 
 
 def _size(n: int) -> str:

@@ -120,9 +120,11 @@ def _offline() -> bool:
 # -- pushing ------------------------------------------------------------------------------------------------
 
 
-def push_files(memory_dir: str | Path) -> list[str]:
-    """The files of `memory_dir` a push uploads, relative to it: the manifest, its layer files, and every trained
-    index whose sidecar's checksum holds. The memory is checked as loading checks it (every sha256) first."""
+def verified_files(memory_dir: str | Path) -> list[str]:
+    """The files of `memory_dir` a loader reads, relative to it, each checked: the manifest (its checksum and
+    schema), its layer files (every sha256, shapes, finite values: `load_memory`), and every trained index for
+    its current keys (the sidecar's sha256, read by faiss). What `knnmoe-memory verify` checks and `push` uploads;
+    a defect raises."""
     from . import index as knn_index
 
     out = Path(memory_dir)
@@ -141,12 +143,12 @@ def push_files(memory_dir: str | Path) -> list[str]:
 
 
 def push_operations(memory_dir: str | Path, repo_id: str, path_in_repo: str | None = None) -> list:
-    """The commit that pushes `memory_dir` to `repo_id`: one `CommitOperationAdd` per file of `push_files`, and
-    the card. The card is the folder's own README.md when someone edited it, else rendered with `repo_id`."""
+    """The commit that pushes `memory_dir` to `repo_id`: one `CommitOperationAdd` per file of `verified_files`,
+    and the card. The card is the folder's own README.md when someone edited it, else rendered with `repo_id`."""
     from huggingface_hub import CommitOperationAdd
 
     out = Path(memory_dir)
-    files = push_files(out)
+    files = verified_files(out)
     manifest = json.loads((out / MANIFEST).read_text())
     card = out / CARD
     edited = card.is_file() and card.read_text(encoding="utf-8") != render_card(manifest)
