@@ -91,6 +91,7 @@ def test_interrupted_build_resumes_to_the_same_memory(tmp_path, monkeypatch):
         a = load_file(str(tmp_path / "a" / "mem" / f"layer_{layer:03d}.safetensors"))
         b = load_file(str(tmp_path / "b" / "mem" / f"layer_{layer:03d}.safetensors"))
         assert torch.equal(a["keys"], b["keys"]) and torch.equal(a["values"], b["values"])
+    assert (tmp_path / "a" / "mem" / "README.md").read_bytes() == (tmp_path / "b" / "mem" / "README.md").read_bytes()
 
 
 def test_streamed_finalize_writes_what_an_in_ram_merge_would(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from conftest import router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
+from knnmoe_eval.core.card import CARD
 from knnmoe_eval.core.memory import _LAYER_SCHEMA, _SCHEMA, MANIFEST, MANIFEST_SHA256, manifest_digest
 from knnmoe_eval.testing import make_tiny_model
 
@@ -26,7 +27,8 @@ def setup(tmp_path_factory):
     """The model, the memory's files as bytes, and the outputs the uncorrupted memory gives."""
     model = make_tiny_model("olmoe")
     mem = write_constant_memory(tmp_path_factory.mktemp("good") / "mem", model, router_inputs(model, REF_IDS), values)
-    files = {p.name: p.read_bytes() for p in sorted(mem.iterdir())}
+    # the card (README.md) is for people, never read: corrupting it is harmless by construction (test_memory_card)
+    files = {p.name: p.read_bytes() for p in sorted(mem.iterdir()) if p.name != CARD}
     return model, files, outputs(model, mem)
 
 

@@ -5,9 +5,10 @@ import torch
 from conftest import router_inputs, signature
 
 from knnmoe_eval.core.memory import load_memory, write_memory
-from knnmoe_eval.core.prune import main, prune_memory
+from knnmoe_eval.core.prune import prune_memory
 from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.errors import KnnMoeError
+from knnmoe_eval.memory_cli import main
 from knnmoe_eval.testing import make_tiny_model
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -54,5 +55,6 @@ def test_prune_needs_a_criterion_and_the_cli_writes_a_memory(tmp_path, olmoe_dir
     mem = memory_half_stock(tmp_path, model)
     with pytest.raises(KnnMoeError, match="min_change"):
         prune_memory(mem, tmp_path / "p", model)
-    main(["--memory", str(mem), "--pretrained", olmoe_dir, "--out", str(tmp_path / "cli"), "--min-change", "1e-5"])
+    argv = ["prune", str(mem), "--pretrained", olmoe_dir, "--out", str(tmp_path / "cli"), "--min-change", "1e-5"]
+    assert main(argv) == 0
     assert all(len(m) == 10 for m in load_memory(tmp_path / "cli").layers.values())

@@ -4,6 +4,7 @@ A memory is a directory:
 
     manifest.json             written last: its presence means the memory is complete
     layer_003.safetensors     per MoE layer: "keys" (n, d) fp16 router inputs, "values" (n, E) fp32 logits z*
+    README.md                 the card (`card.py`): for people and Hub pages, derived from the manifest, never read
 
 The manifest describes everything a reader needs (shapes and dtypes, the model it was built for down to a
 fingerprint of every router's weights, build settings, sigma statistics, a sha256 per file), so readers never
@@ -35,6 +36,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import KnnMoeError
+from .card import write_card
 from .files import atomic_path, sha256_file, write_json_atomic
 from .sigma import RadiusSpec, layer_stats
 
@@ -303,6 +305,7 @@ def write_memory_streamed(
     }
     manifest[MANIFEST_SHA256] = manifest_digest(manifest)
     check_manifest(manifest, f"memory {out}")  # never write what loading would refuse
+    write_card(out, manifest)  # before the manifest: a complete memory always has its card
     write_json_atomic(out / MANIFEST, manifest)
     return out
 

@@ -59,7 +59,8 @@ _CHOICES = {  # options that take one of a few words
 @dataclass(frozen=True)
 class KnnMoeOptions:
     preset: str = _help("`paper`: every default below is the paper's method; `plus`: our recipe, which sets the defaults of `grad`, `optimizer`, `eta`, `steps`, `free`, `keys`, `radius_quantile`, `radius_scale`, `confidence` (an option given explicitly wins; [docs/plus.md](docs/plus.md)). A memory records its preset, and evaluating it with another preset's build side is refused", default="paper")
-    memory: str | None = _help("memory directory: read in eval mode, written in build mode", default=None)
+    memory: str | None = _help("memory directory: read in eval mode, written in build mode. In eval mode also a Hub repo id `org/name` or `org/name/subfolder` when no local directory of that name exists ([Sharing a memory](#sharing-a-memory))", default=None)
+    memory_revision: str = _help("`memory=org/name` from the Hub: the branch, tag or commit to read; the commit it resolves to is recorded in the results JSON (`config.knnmoe.memory`). Ignored for a local directory", default="main")
     mode: str = _help("`build` teacher-forces the task's gold answers into `memory`", default="eval")
     # retrieval and mixing
     k: int = _help("neighbours per token and layer (paper default)", default=1)

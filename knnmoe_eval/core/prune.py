@@ -12,12 +12,11 @@ Two kinds of entries cost search time and bytes for nothing:
 The pruned copy is an ordinary memory, streamed chunk by chunk from the memory-mapped original
 (`write_memory_streamed`); its manifest records what was dropped.
 
-    python -m knnmoe_eval.core.prune --memory memories/X --pretrained M --out memories/X-pruned --min-change 0.02
+    knnmoe-memory prune memories/X --pretrained M --out memories/X-pruned --min-change 0.02
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -110,26 +109,3 @@ def prune_memory(memory: str | Path | Memory, out_dir: str | Path, model: torch.
              "pruning": {"min_change": min_change, "dedup": dedup, "keys_before_after": counts}}
     return write_memory_streamed(out_dir, rows, mem.signature, build=build), counts
 
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.core.prune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--memory", required=True, help="memory directory to prune (left untouched)")
-    p.add_argument("--pretrained", required=True, help="the model the memory was built for (its routers are needed)")
-    p.add_argument("--out", required=True, help="directory for the pruned memory")
-    p.add_argument("--min-change", type=float, default=None,
-                   help="drop entries routing to the same experts as the stock logits with weights within this")
-    p.add_argument("--dedup", type=float, default=None,
-                   help="drop keys within this fraction of the mean nearest-neighbour distance of a kept key")
-    args = p.parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(args.pretrained, dtype=torch.float32)
-    out, counts = prune_memory(args.memory, args.out, model, args.min_change, args.dedup)
-    for layer, (before, after) in counts.items():
-        print(f"layer {layer}: {before} -> {after} keys ({100 * after / max(before, 1):.1f}%)")
-    print(f"pruned memory written to {out}")
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    main()

@@ -21,6 +21,7 @@ from ..errors import KnnMoeError
 from . import index as knn_index
 from .files import write_json_atomic
 from .hooks import Rerouted, hooked_routers
+from .hub import resolve_memory
 from .index import l2_normalize
 from .memory import Memory, load_memory
 from .mixing import mix, similarity, within_radius
@@ -203,7 +204,8 @@ def attach(model: torch.nn.Module, memory: str | Path | Memory, **options) -> It
             model(input_ids)
         print(retriever.diagnostics())
     """
-    mem = memory if isinstance(memory, Memory) else load_memory(memory, verify=options.get("verify", True))
+    mem = memory if isinstance(memory, Memory) else load_memory(  # a directory, or a Hub repo id (hub.py)
+        resolve_memory(memory, options.get("memory_revision", "main")).path, verify=options.get("verify", True))
     opts = KnnMoeOptions(**{"memory": str(mem.path), **options})
     retriever = Retriever(model, mem, opts)
     with hooked_routers(retriever.sites, retriever, check_fired=False):

@@ -22,8 +22,10 @@ def router_fingerprint(site: RouterSite) -> str:
 def model_signature(model: torch.nn.Module, sites: Sequence[RouterSite]) -> dict:
     """What a memory records about its model, and what loading checks it against."""
     cfg = model.config
+    commit = getattr(cfg, "_commit_hash", None)  # the Hub commit from_pretrained read, for people (the card)
     return {
         "name_or_path": getattr(cfg, "_name_or_path", ""),
+        **({"revision": commit} if isinstance(commit, str) else {}),
         "model_type": sites[0].family.name,
         "hidden_size": sites[0].hidden_size,
         "num_experts": sites[0].num_experts,

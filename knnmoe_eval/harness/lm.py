@@ -24,7 +24,8 @@ from lm_eval.models.huggingface import HFLM
 
 from ..core.build import MemoryBuilder, read_texts
 from ..core.hooks import hooked_routers
-from ..core.memory import load_memory
+from ..core.hub import resolve_memory
+from ..core.memory import MANIFEST_SHA256, load_memory
 from ..core.options import split_model_args
 from ..core.retrieval import Retriever
 from ..core.routers import find_routers
@@ -50,8 +51,10 @@ class KnnMoeLM(HFLM):
             self.builder = MemoryBuilder(self.model, self.sites, signature, self.knn, self.rank, self.world_size)
             self.retriever = None
         else:
-            memory = load_memory(self.knn.memory, self.knn.verify)
+            source = resolve_memory(self.knn.memory, self.knn.memory_revision)  # a local directory, or a Hub repo
+            memory = load_memory(source.path, self.knn.verify)
             self.retriever = Retriever(self.model, memory, self.knn, sites=self.sites)
+            self.memory_source = {**source.record(), MANIFEST_SHA256: memory.manifest[MANIFEST_SHA256]}
         self._retrieve = True  # Selective turns retrieval off for the requests it skips
         self.skipped: int | None = None  # documents Selective ran without retrieval
 
@@ -126,6 +129,7 @@ class KnnMoeLM(HFLM):
         """lm-eval puts this into the results JSON's `config`: our options and, in eval mode, the diagnostics."""
         info = {**super().get_model_info(), "knnmoe": {"options": vars(self.knn).copy()}}
         if self.retriever is not None:  # lm-eval asks for this once, after the last request: the run's report
+            info["knnmoe"]["memory"] = self.memory_source  # where it came from, down to the Hub commit
             info["knnmoe"]["diagnostics"] = self.retriever.report()
         if self.skipped is not None:
             info["knnmoe"]["selective_skipped"] = self.skipped

@@ -27,7 +27,8 @@ from lm_eval.models.vllm_causallms import VLLM
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import EngineArgs
 
-from ..core.memory import read_manifest
+from ..core.hub import resolve_memory
+from ..core.memory import MANIFEST_SHA256, read_manifest
 from ..core.options import split_model_args
 from ..core.retrieval import report
 from ..errors import KnnMoeError
@@ -50,7 +51,9 @@ class KnnMoeVLLM(VLLM):
                 f"pretrained={pretrained},mode=build,memory={self.knn.memory} --tasks <build task>`, then evaluate "
                 "it here with mode=eval"
             )
-        read_manifest(self.knn.memory)  # a missing or incomplete memory fails before the engine loads
+        source = resolve_memory(self.knn.memory, self.knn.memory_revision)  # a local directory, or a Hub repo
+        # a missing or incomplete memory fails before the engine loads
+        self.memory_source = {**source.record(), MANIFEST_SHA256: read_manifest(source.path)[MANIFEST_SHA256]}
         if int(vllm_kwargs.get("data_parallel_size", 1)) > 1:
             raise KnnMoeError(
                 "vllm-knnmoe does not support data_parallel_size > 1 (lm-eval runs those engines in Ray tasks, "
@@ -61,7 +64,7 @@ class KnnMoeVLLM(VLLM):
         log.warning("vllm-knnmoe: enforce_eager=True (kNN retrieval cannot run inside CUDA graphs or torch.compile)")
         super().__init__(pretrained, enforce_eager=True, worker_extension_cls=WORKER_EXTENSION,
                          **{k: v for k, v in vllm_kwargs.items() if k != "enforce_eager"})
-        self._rpc("knnmoe_attach", vars(self.knn))
+        self._rpc("knnmoe_attach", {**vars(self.knn), "memory": str(source.path)})  # workers read the download
         self.model.generate([TokensPrompt(prompt_token_ids=[self.prefix_token_id])],
                             SamplingParams(max_tokens=1), use_tqdm=False)
         self._rpc("knnmoe_check_fired")
@@ -77,4 +80,5 @@ class KnnMoeVLLM(VLLM):
         """lm-eval puts this into the results JSON's `config`: our options and the diagnostics of the first worker
         (tensor-parallel workers route the same replicated tokens)."""
         diag = self.model.collective_rpc("knnmoe_diagnostics")[0]
-        return {"knnmoe": {"options": vars(self.knn).copy(), "diagnostics": report(self.knn, diag)}}
+        return {"knnmoe": {"options": vars(self.knn).copy(), "memory": self.memory_source,
+                           "diagnostics": report(self.knn, diag)}}
