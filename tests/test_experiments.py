@@ -6,12 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_TOY
 
 from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
 from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
-from knnmoe_eval.testing import save_tiny
+from knnmoe_eval.testing import SMALL_TOY, save_tiny
 
 pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds and SFT on a toy
 

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import router_inputs, signature
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
+from knnmoe_eval.core.build import MemoryBuilder
 from knnmoe_eval.core.families import find_routers
 from knnmoe_eval.core.gradient import optimise_logits
 from knnmoe_eval.core.memory import load_memory
@@ -16,21 +15,12 @@ from knnmoe_eval.core.mixing import mix, within_radius
 from knnmoe_eval.core.options import PRESETS, UNCALIBRATED, default, resolve, split_model_args
 from knnmoe_eval.core.retrieval import attach
 from knnmoe_eval.core.sigma import RadiusSpec, layer_stats
-from knnmoe_eval.testing import make_tiny_model
-
-
-def sequences(n=6, length=9, n_cont=1):
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
-        out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
-    return out
+from knnmoe_eval.testing import make_tiny_model, reference_sequences, router_inputs, signature
 
 
 def build(model, path, **given):
     b = MemoryBuilder(model, find_routers(model), signature(model), resolve({"memory": str(path), "mode": "build", **given}))
-    b.run(sequences(), pad_id=0, batch_size=3)
+    b.run(reference_sequences(n_cont=1), pad_id=0, batch_size=3)
     b.finalize()
     return load_memory(path)
 
@@ -79,7 +69,7 @@ def test_plus_memory_records_its_preset_and_refuses_another(tmp_path):
         with attach(model, paper, confidence="radius"):
             pass
     with attach(model, memory, preset="plus") as retriever:
-        model(torch.tensor([sequences(1)[0].tokens]))
+        model(torch.tensor([reference_sequences(1, n_cont=1)[0].tokens]))
     assert retriever.diagnostics()
 
 
@@ -106,7 +96,7 @@ def test_radius_is_the_scaled_leave_one_out_quantile_capped_by_far_text():
 
 
 def _batch():
-    seqs = sequences(3)
+    seqs = reference_sequences(3, n_cont=1)
     width = max(len(s.tokens) for s in seqs)
     inputs, targets = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
     scored = torch.zeros(3, width, dtype=torch.bool)
@@ -200,7 +190,7 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
     opts = resolve({"memory": str(tmp_path / "mem"), "mode": "build", "preset": "plus", "calibration": str(text),
                     "calibration_quantile": 0.0})
     b = MemoryBuilder(model, find_routers(model), signature(model), opts)
-    b.run(sequences(), pad_id=0, batch_size=3)
+    b.run(reference_sequences(n_cont=1), pad_id=0, batch_size=3)
     b.read_calibration(([1] + [ord(c) + 4 for c in t] for t in read_texts(str(text))), pad_id=0, batch_size=2)
     b.finalize()
     memory = load_memory(tmp_path / "mem")
