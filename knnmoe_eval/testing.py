@@ -213,7 +213,7 @@ def empty_keys(model) -> dict:
     return {l: torch.zeros(0, sig["hidden_size"]) for l in sig["moe_layers"]}
 
 
-def reference_sequences(n: int = 6, length: int = 9, n_cont: int = 3, seed: int = 0) -> list:
+def random_references(n: int = 6, length: int = 9, n_cont: int = 3, seed: int = 0) -> list:
     """n tokenized reference requests of random byte tokens (the last `n_cont` the answer), the same on every call
     whatever ran before."""
     import torch

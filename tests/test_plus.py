@@ -15,12 +15,12 @@ from knnmoe_eval.core.mixing import mix, within_radius
 from knnmoe_eval.core.options import PRESETS, UNCALIBRATED, default, resolve, split_model_args
 from knnmoe_eval.core.retrieval import attach
 from knnmoe_eval.core.sigma import RadiusSpec, layer_stats
-from knnmoe_eval.testing import make_tiny_model, reference_sequences, router_inputs, signature
+from knnmoe_eval.testing import make_tiny_model, random_references, router_inputs, signature
 
 
 def build(model, path, **given):
     b = MemoryBuilder(model, find_routers(model), signature(model), resolve({"memory": str(path), "mode": "build", **given}))
-    b.run(reference_sequences(n_cont=1), pad_id=0, batch_size=3)
+    b.run(random_references(n_cont=1), pad_id=0, batch_size=3)
     b.finalize()
     return load_memory(path)
 
@@ -69,7 +69,7 @@ def test_plus_memory_records_its_preset_and_refuses_another(tmp_path):
         with attach(model, paper, confidence="radius"):
             pass
     with attach(model, memory, preset="plus") as retriever:
-        model(torch.tensor([reference_sequences(1, n_cont=1)[0].tokens]))
+        model(torch.tensor([random_references(1, n_cont=1)[0].tokens]))
     assert retriever.diagnostics()
 
 
@@ -96,7 +96,7 @@ def test_radius_is_the_scaled_leave_one_out_quantile_capped_by_far_text():
 
 
 def _batch():
-    seqs = reference_sequences(3, n_cont=1)
+    seqs = random_references(3, n_cont=1)
     width = max(len(s.tokens) for s in seqs)
     inputs, targets = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
     scored = torch.zeros(3, width, dtype=torch.bool)
@@ -190,7 +190,7 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
     opts = resolve({"memory": str(tmp_path / "mem"), "mode": "build", "preset": "plus", "calibration": str(text),
                     "calibration_quantile": 0.0})
     b = MemoryBuilder(model, find_routers(model), signature(model), opts)
-    b.run(reference_sequences(n_cont=1), pad_id=0, batch_size=3)
+    b.run(random_references(n_cont=1), pad_id=0, batch_size=3)
     b.read_calibration(([1] + [ord(c) + 4 for c in t] for t in read_texts(str(text))), pad_id=0, batch_size=2)
     b.finalize()
     memory = load_memory(tmp_path / "mem")

@@ -9,16 +9,16 @@ from safetensors.torch import load_file
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.families import find_routers
-from knnmoe_eval.experiments.sft import reference_requests, split, tokenize, train_sft
+from knnmoe_eval.experiments.sft import SftSettings, main, reference_requests, split, tokenize, train_sft
 
 TASKS = str(Path(__file__).parent / "fixtures" / "tasks")  # the tinyqa fixture tasks
 
 LR = 1e-2  # tiny random models: a large step makes a 3-epoch run on 10 documents move the loss clearly
 
 
-def sft(pretrained, out, method, **kwargs):
-    return train_sft(pretrained, ["tinyqa_ref"], out, method, include_path=TASKS, progress=False,
-                     **{"lr": LR, **kwargs})
+def sft(pretrained, out, method, stop_after_epochs=None, **settings):
+    settings = SftSettings(pretrained, ["tinyqa_ref"], method, include_path=TASKS, **{"lr": LR, **settings})
+    return train_sft(settings, out, progress=False, stop_after_epochs=stop_after_epochs)
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,8 @@ def test_interrupted_run_with_other_settings_is_refused(tiny_dir, tmp_path):
 ])
 def test_bad_reference_sets_are_refused(tiny_dir, tmp_path, tasks, kwargs, message):
     with pytest.raises(KnnMoeError, match=message):
-        train_sft(tiny_dir("olmoe"), tasks, tmp_path / "out", "lora", include_path=TASKS, progress=False, **kwargs)
+        train_sft(SftSettings(tiny_dir("olmoe"), tasks, "lora", include_path=TASKS, **kwargs), tmp_path / "out",
+                  progress=False)
 
 
 def test_bad_method_and_foreign_output_dir_are_refused(tiny_dir, tmp_path):
@@ -173,6 +174,18 @@ def test_bad_method_and_foreign_output_dir_are_refused(tiny_dir, tmp_path):
     (tmp_path / "b" / "notes.txt").write_text("x")
     with pytest.raises(KnnMoeError, match="not an SFT output directory"):
         sft(tiny_dir("olmoe"), tmp_path / "b", "lora")
+
+
+def test_command_line_has_a_flag_per_setting_and_trains_the_same_run(tiny_dir, tmp_path, capsys):
+    """`python -m knnmoe_eval.experiments.sft`: its flags are the settings' fields, read as their types; the run it
+    trains is the one the same SftSettings train (the second call reuses the first's output)."""
+    out = tmp_path / "out"
+    main(["--pretrained", tiny_dir("olmoe"), "--tasks", "tinyqa_ref", "--method", "router", "--out", str(out),
+          "--include_path", TASKS, "--epochs", "1", "--lr", str(LR), "--metadata", "{}"])
+    printed = json.loads(capsys.readouterr().out)
+    again = sft(tiny_dir("olmoe"), out, "router", epochs=1, metadata={})
+    assert printed["settings"] == again["settings"] == SftSettings(
+        tiny_dir("olmoe"), ("tinyqa_ref",), "router", include_path=TASKS, epochs=1, lr=LR, metadata={}).record()
 
 
 def test_split_is_seeded_disjoint_and_refuses_empty():

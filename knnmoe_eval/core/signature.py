@@ -23,7 +23,7 @@ def model_signature(model: torch.nn.Module, sites: Sequence[RouterSite]) -> dict
     """What a memory records about its model, and what loading checks it against."""
     cfg = model.config
     return {
-        "name_or_path": getattr(cfg, "_name_or_path", ""),
+        "name_or_path": cfg.name_or_path,
         "model_type": sites[0].family.name,
         "hidden_size": sites[0].hidden_size,
         "num_experts": sites[0].num_experts,

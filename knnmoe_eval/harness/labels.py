@@ -5,7 +5,7 @@ future work. Here any lm-eval model answers the reference set in the test task's
 `<ref task>_mc` tasks, same docs in the same order as the `<ref task>` build task); its pick per item (argmax
 loglikelihood, the rule of lm-eval's `acc`) becomes that item's continuation. The model itself gives
 self-labels, any other model (or `hf-knnmoe` with a memory) is a judge. `hf-knnmoe mode=build,labels=FILE` then
-teacher-forces those continuations instead of the gold ones (`KnnMoeLM._build`).
+teacher-forces those continuations instead of the gold ones (`requests.reference_sequences`).
 
 One JSON line per reference item:
 
