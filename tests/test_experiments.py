@@ -86,7 +86,7 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
     shutil.copytree(shared_pieces, tmp_path, dirs_exist_ok=True)
     runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
                                  step_values=(1, 2), seeds=(0, 1)))
-    markdown = ablations.run(runner, name)
+    markdown = ablations.ablate(runner, name)
     rows = json.loads((tmp_path / "ablations" / f"{name}.json").read_text())["rows"]
     assert (tmp_path / "ablations" / f"{name}.png").stat().st_size > 1000
     assert markdown.count("\n|") == len(rows) + 2  # header, rule, one line per row

@@ -40,7 +40,7 @@ HELP_ONLY = {"machine_load.py"}  # no command line
 FAST = {"perf_memory.py"}  # the quick runs that stay out of e2e
 
 
-def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPTS / script), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
@@ -71,7 +71,7 @@ def _quick(name: str):
 @pytest.mark.parametrize("script", [_quick(name) for name, quick in sorted(QUICK.items()) if quick])
 def test_quickest_run(script, tmp_path):
     args, expect = QUICK[script]
-    out = run(script, [a.format(tmp=tmp_path) for a in args], tmp_path)
+    out = run_script(script, [a.format(tmp=tmp_path) for a in args], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     if expect.endswith(".json"):
         assert json.loads((tmp_path / expect).read_text())

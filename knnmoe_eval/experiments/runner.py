@@ -367,9 +367,9 @@ class Runner:
         methods["kNN-MoE (plus)"] = lambda: self.knn_plus(bench)
         methods["C3PO"] = lambda: self.c3po(bench)
         rows = {}
-        for name, run in methods.items():
+        for name, evaluate in methods.items():
             try:
-                rows[name] = run()
+                rows[name] = evaluate()
             except KnnMoeError as e:
                 if name == "Zero-shot":
                     raise
