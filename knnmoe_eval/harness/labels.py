@@ -125,7 +125,7 @@ def _labeller_name(model, model_args) -> str:
         args = model_args if isinstance(model_args, str) or model_args is None else \
             ",".join(f"{k}={v}" for k, v in model_args.items())
         return f"{model} {args}".strip() if args else model
-    hf = getattr(model, "_model", None) or getattr(model, "model", None)
+    hf = getattr(model, "model", None)  # HFLM.model: the (accelerate-unwrapped) transformers model
     return f"{type(model).__name__} {getattr(hf, 'name_or_path', '')}".strip()
 
 
