@@ -4,14 +4,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import empty_keys, router_inputs, signature, write_constant_memory
 
 from knnmoe_eval import KnnMoeOptions, attach
 from knnmoe_eval.core.families import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.retrieval import Retriever
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import empty_keys, make_tiny_model, router_inputs, signature, write_constant_memory
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 
