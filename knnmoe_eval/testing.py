@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .experiments.toy import ToyConfig  # stdlib only: importing this module stays cheap
-
 _SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
@@ -154,9 +152,12 @@ def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides) -> P
 
 # ---- helpers of the tests and scripts that look at routing: the stock routers' inputs and logits, constant memories
 
-# a toy small enough to train in a fraction of a second (2 steps): for the data, the tasks and the pipeline, not for
-# accuracy
-SMALL_TOY = ToyConfig(n_train=64, n_indomain_test=12, n_shift_ref=6, n_shift_test=10, steps=2, batch_size=8)
+def small_toy():
+    """A toy config small enough to train in a fraction of a second (2 steps): for the data, the tasks and the
+    pipeline, not for accuracy."""
+    from .experiments.toy import ToyConfig
+
+    return ToyConfig(n_train=64, n_indomain_test=12, n_shift_ref=6, n_shift_test=10, steps=2, batch_size=8)
 
 
 def signature(model) -> dict:

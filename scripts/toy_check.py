@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from knnmoe_eval.core.families import find_routers
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.experiments import toy
-from knnmoe_eval.testing import SMALL_TOY, router_inputs, router_logits
+from knnmoe_eval.testing import router_inputs, router_logits, small_toy
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks" / "toy"
 
@@ -161,14 +161,14 @@ def main():
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "knnmoe_eval" / "toy"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
-                        help="a toy of knnmoe_eval.testing.SMALL_TOY's size, 2 steps each: the script runs (seconds), "
-                             "its figures mean nothing")
+                        help="knnmoe_eval.testing.small_toy() and 2 steps each: the script runs (seconds), its "
+                             "figures mean nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = SMALL_TOY if args.quick else toy.ToyConfig()
+    config = small_toy() if args.quick else toy.ToyConfig()
     steps = {"steps": 2} if args.quick else {}
     toy_dir = toy.train_or_load(args.cache_dir, config)
     rules = toy.make_rules(config)

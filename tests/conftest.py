@@ -5,9 +5,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 
 from knnmoe_eval.core.families import FAMILIES
-from knnmoe_eval.testing import SMALL_TOY, empty_keys, make_tiny_model, router_inputs, save_tiny, signature
+from knnmoe_eval.testing import empty_keys, make_tiny_model, router_inputs, save_tiny, signature, small_toy
 from knnmoe_eval.testing import write_constant_memory
 
+SMALL_TOY = small_toy()
 TASKS = os.path.join(os.path.dirname(__file__), "fixtures", "tasks")
 
 

@@ -10,7 +10,7 @@ import pytest
 from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
 from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
-from knnmoe_eval.testing import SMALL_TOY, save_tiny
+from knnmoe_eval.testing import save_tiny, small_toy
 
 pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds and SFT on a toy
 
@@ -21,7 +21,7 @@ TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(SMALL_TOY, n_shift_ref=40, n_shift_test=16), progress=False))
+    return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(small_toy(), n_shift_ref=40, n_shift_test=16), progress=False))
 
 
 def toy_settings(toy_dir, out, **kw):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from knnmoe_eval.testing import SMALL_TOY
+from knnmoe_eval.testing import small_toy
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -105,7 +105,7 @@ def test_perf_index_toy_figures(tmp_path, monkeypatch):
     through lm-eval, each index, pruning (at a threshold that keeps this toy's few keys)."""
     from knnmoe_eval.experiments import toy
 
-    small = toy.train_or_load(tmp_path / "toy", SMALL_TOY, progress=False)
+    small = toy.train_or_load(tmp_path / "toy", small_toy(), progress=False)
     monkeypatch.setattr(toy, "train_or_load", lambda cache, progress=True: small)
     perf_index = _load("perf_index.py")
     args = Namespace(toy_cache=tmp_path, workdir=tmp_path, indexes=["exact"], nprobe=None, toy_positions="answer",

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from knnmoe_eval.experiments import toy
-from knnmoe_eval.testing import SMALL_TOY as SMALL
+from knnmoe_eval.testing import small_toy
+
+SMALL = small_toy()
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks" / "toy"
 TOY_TASKS = ("knnmoe_toy_indomain", "knnmoe_toy_shift", "knnmoe_toy_shift_ref")
