@@ -67,11 +67,6 @@ CKPT_DIR = "checkpoints"
 STATE_JSON = "state.json"
 
 
-def _help(text: str, default=MISSING, **cli):
-    """A setting's default and its --help line; `cli` holds what argparse needs beyond a string (type, choices)."""
-    return field(default=default, metadata={"help": text, **cli})
-
-
 def _tasks(value: str) -> tuple[str, ...]:
     return tuple(value.split(","))
 
@@ -79,27 +74,35 @@ def _tasks(value: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class SftSettings:
     """One SFT baseline: which model trains how on which reference tasks (the paper's Table 15 where legible).
-    `python -m knnmoe_eval.experiments.sft` has one flag per field, its help from the field's."""
+    `python -m knnmoe_eval.experiments.sft` has one flag per field: its help, and how argparse reads it, are the
+    field's metadata."""
 
-    pretrained: str = _help("model path or hub id")
-    tasks: tuple[str, ...] = _help("build tasks, comma-separated, e.g. knnmoe_medmcqa_ref", type=_tasks)
-    method: str = _help("lora: LoRA on every linear map; router: the routers' weights alone", choices=METHODS)
-    include_path: str | None = _help("lm-eval --include_path of the tasks", None)
-    metadata: dict | None = _help('JSON passed to the tasks, e.g. \'{"data_dir": "data"}\'', None, type=json.loads)
-    limit: int | None = _help("reference documents used (default: all)", None, type=int)
-    seed: int = _help("seeds the train/validation split, the data order and LoRA's initialisation", 0, type=int)
-    epochs: int = _help("training epochs (the paper's count did not survive)", 3, type=int)
-    lr: float | None = _help(f"peak learning rate, decaying linearly to 0 (default per method: {DEFAULT_LR})", None,
-                             type=float)
-    batch_size: int = _help("documents per step (the paper's Table 15)", 16, type=int)
-    val_frac: float = _help("share of the documents held out; the epoch of lowest validation loss is kept", 0.15,
-                            type=float)
-    lora_r: int = _help("LoRA rank, alpha = r (the paper's Table 15)", 32, type=int)
-    device: str = _help("torch device", "cpu")
-    dtype: str = _help("model dtype", "float32")
-    prompt: dict | None = _help("lm-eval's prompt formatting (apply_chat_template, system_instruction, "
-                                "fewshot_as_multiturn), so that SFT trains on the prompts it is tested on", None,
-                                type=json.loads)
+    pretrained: str = field(metadata={"help": "model path or hub id"})
+    tasks: tuple[str, ...] = field(metadata={"help": "build tasks, comma-separated, e.g. knnmoe_medmcqa_ref",
+                                             "type": _tasks})
+    method: str = field(metadata={"help": "lora: LoRA on every linear map; router: the routers' weights alone",
+                                  "choices": METHODS})
+    include_path: str | None = field(default=None, metadata={
+        "help": "lm-eval --include_path of the tasks (default: lm-eval's own tasks only)"})
+    metadata: dict | None = field(default=None, metadata={
+        "help": 'JSON passed to the tasks, e.g. \'{"data_dir": "data"}\' (default: none)', "type": json.loads})
+    limit: int | None = field(default=None, metadata={"help": "reference documents used (default: all)", "type": int})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the train/validation split, the data order and LoRA's initialisation", "type": int})
+    epochs: int = field(default=3, metadata={"help": "training epochs (the paper's count did not survive)",
+                                             "type": int})
+    lr: float | None = field(default=None, metadata={
+        "help": f"peak learning rate, decaying linearly to 0 (default per method: {DEFAULT_LR})", "type": float})
+    batch_size: int = field(default=16, metadata={"help": "documents per step (the paper's Table 15)", "type": int})
+    val_frac: float = field(default=0.15, metadata={
+        "help": "share of the documents held out; the epoch of lowest validation loss is kept", "type": float})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank, alpha = r (the paper's Table 15)", "type": int})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype"})
+    prompt: dict | None = field(default=None, metadata={
+        "help": "lm-eval's prompt formatting (apply_chat_template, system_instruction, fewshot_as_multiturn) as "
+                "JSON, so that SFT trains on the prompts it is tested on (default: lm-eval's plain prompts)",
+        "type": json.loads})
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))  # a list is fine from Python
@@ -393,13 +396,14 @@ def _train_sft(s: SftSettings, out: Path, progress: bool, stop_after_epochs: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="LoRA / router-only SFT baselines on kNN-MoE reference tasks")
+    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.experiments.sft",
+                                description="LoRA / router-only SFT baselines on kNN-MoE reference tasks")
     p.add_argument("--out", required=True, help="the adapter, its checkpoints while it trains, and train.json")
     for f in fields(SftSettings):
         cli = dict(f.metadata)
         if f.default is MISSING:
             cli["required"] = True
-        else:
+        elif f.default is not None:  # a None default says in its help what it means
             cli.update(default=f.default, help=f"{cli['help']} (default: {f.default})")
         p.add_argument(f"--{f.name}", **cli)
     args = vars(p.parse_args(argv))
