@@ -1,6 +1,7 @@
 """Every script under scripts/ runs, as a user runs it from a fresh clone: its --help, and its quickest mode where
-that takes seconds, so that none can rot unseen. Scripts whose quickest run builds the wide OLMoE-shaped layer
-(~2 GiB, ~15 s) or goes through lm-eval are e2e."""
+that takes seconds, so that none can rot unseen. The --help runs are cheap; the quickest runs start a fresh
+interpreter (two for perf_memory), most build the wide OLMoE-shaped layer (~2 GiB, ~10 s) or go through lm-eval,
+so they are e2e."""
 
 import importlib.util
 import json
@@ -37,7 +38,6 @@ QUICK = {
     "vllm_cpu_env.py": None,  # rewrites the vLLM environment it runs in: --help only
 }
 HELP_ONLY = {"machine_load.py"}  # no command line
-FAST = {"perf_memory.py"}  # the quick runs that stay out of e2e
 
 
 def run_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def test_help(script, capsys, monkeypatch):
 
 
 def _quick(name: str):
-    marks = [] if name in FAST else [pytest.mark.e2e]
+    marks = [pytest.mark.e2e]
     if name == "perf_vllm.py":
         marks.append(pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"))
     return pytest.param(name, marks=marks)
