@@ -148,3 +148,82 @@ def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides) -> P
     make_tiny_model(family, seed=seed, **overrides).save_pretrained(out)
     make_tokenizer().save_pretrained(out)
     return out
+
+
+# ---- helpers of the tests and scripts that look at routing: the stock routers' inputs and logits, constant memories
+
+def small_toy():
+    """A toy config small enough to train in a fraction of a second (2 steps): for the data, the tasks and the
+    pipeline, not for accuracy."""
+    from .experiments.toy import ToyConfig
+
+    return ToyConfig(n_train=64, n_indomain_test=12, n_shift_ref=6, n_shift_test=10, steps=2, batch_size=8)
+
+
+def signature(model) -> dict:
+    """The model's signature as a memory records it (`core.signature.model_signature` over its routers)."""
+    from .core.routers import find_routers
+    from .core.signature import model_signature
+
+    return model_signature(model, find_routers(model))
+
+
+def stock_routing(model, input_ids) -> tuple[dict, dict]:
+    """One stock forward of `input_ids` through kNN-MoE's router hook: per MoE layer, the router inputs
+    (n_tokens, d) and the router logits (n_tokens, E), detached copies."""
+    import torch
+
+    from .core.routers import find_routers
+    from .core.hooks import hooked_routers
+
+    inputs, logits = {}, {}
+
+    def record(site, h, z):
+        inputs[site.layer], logits[site.layer] = h.detach().clone(), z.detach().clone()
+        return z
+
+    with torch.no_grad(), hooked_routers(find_routers(model), record):
+        model(input_ids)
+    return inputs, logits
+
+
+def router_inputs(model, input_ids) -> dict:
+    """Every MoE layer's router inputs (n_tokens, d) for `input_ids`, under stock routing."""
+    return stock_routing(model, input_ids)[0]
+
+
+def router_logits(model, input_ids) -> dict:
+    """Every MoE layer's router logits (n_tokens, E) for `input_ids`, under stock routing."""
+    return stock_routing(model, input_ids)[1]
+
+
+def write_constant_memory(path, model, keys, values_fn):
+    """A memory with the given keys per layer and values_fn(layer, n, E) as values."""
+    from .core.memory import write_memory
+
+    sig = signature(model)
+    values = {l: values_fn(l, keys[l].shape[0], sig["num_experts"]) for l in sig["moe_layers"]}
+    return write_memory(path, keys, values, sig)
+
+
+def empty_keys(model) -> dict:
+    """No keys in any MoE layer: (0, d) per layer."""
+    import torch
+
+    sig = signature(model)
+    return {l: torch.zeros(0, sig["hidden_size"]) for l in sig["moe_layers"]}
+
+
+def random_references(n: int = 6, length: int = 9, n_cont: int = 3, seed: int = 0) -> list:
+    """n tokenized reference requests of random byte tokens (the last `n_cont` the answer), the same on every call
+    whatever ran before."""
+    import torch
+
+    from .core.build import tokenize_request
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
+        out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
+    return out

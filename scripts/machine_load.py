@@ -2,10 +2,10 @@
 quiet ones.
 
 Timings on a shared machine are not comparable: load slows the MoE layer's matmuls more than the search, which
-flatters the ratios. Every benchmark records, beside each figure, `os.getloadavg()` before and after it and the
-CPU the *other* processes used meanwhile (from /proc/stat, minus this process's own CPU time): the load average
-also counts this benchmark's own threads and lags by a minute, the other processes' share does neither. A
-benchmark first samples the machine for a few seconds and refuses to start when others are busy, unless
+flatters the ratios. Every speed script (perf_*.py) records, beside each figure, `os.getloadavg()` before and
+after it and the CPU the *other* processes used meanwhile (from /proc/stat, minus this process's own CPU time):
+the load average also counts the script's own threads and lags by a minute, the other processes' share does
+neither. A script first samples the machine for a few seconds and refuses to start when others are busy, unless
 `--allow-load` is given; a figure measured while others were busy is flagged and warned about.
 
     with Load() as load:
@@ -75,7 +75,7 @@ def require_quiet(allow_load: bool, seconds: float = 3.0) -> dict:
         message = (f"other processes are using {busy:.2f} cores (load average {load.record['loadavg_after'][0]}, "
                    f"{os.cpu_count()} CPUs): figures measured now are not comparable with a quiet machine's")
         if not allow_load:
-            raise SystemExit(f"refusing to benchmark: {message}. Stop them, or pass --allow-load to measure anyway "
+            raise SystemExit(f"refusing to measure: {message}. Stop them, or pass --allow-load to measure anyway "
                              "(every figure is then flagged as loaded).")
         print(f"WARNING: {message}; measuring anyway (--allow-load)", file=sys.stderr, flush=True)
     return load.record

@@ -204,10 +204,11 @@ def toy_figures(args) -> list[dict]:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from knnmoe_eval.experiments.runner import toy
+    from knnmoe_eval.experiments import toy
 
     toy_dir = toy.train_or_load(args.toy_cache, progress=False)
-    tm = TaskManager(include_path=str(REPO / "tasks" / "toy"), metadata={"toy_dir": str(toy_dir)})
+    tm = TaskManager(include_path=str(REPO / "tasks" / "toy"), include_defaults=False,
+                     metadata={"toy_dir": str(toy_dir)})
 
     def acc(model: str, model_args: str, task: str = "knnmoe_toy_shift") -> float:
         out = simple_evaluate(model=model, model_args=f"pretrained={toy_dir},dtype=float32,{model_args}".rstrip(","),

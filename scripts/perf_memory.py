@@ -108,7 +108,8 @@ def main() -> None:
     p.add_argument("--d", type=int, default=2048)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--shard-rows", type=int, default=20_000, help="rows per shard (shard_tokens)")
-    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--workdir", type=Path, default=None, help="an existing directory for the synthetic build "
+                   "(default: the system's temporary directory)")
     p.add_argument("--json", type=Path, default=Path("results/perf_memory.json"))
     p.add_argument("--finalize", type=Path, default=None, help=argparse.SUPPRESS)  # the measured child process
     p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")

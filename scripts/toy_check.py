@@ -13,6 +13,7 @@ Prints, for the cached toy model:
      (per layer), how often the neighbour needs the same source domain.
 
     OMP_NUM_THREADS=1 python scripts/toy_check.py --cache-dir ~/.cache/knnmoe_eval/toy
+    OMP_NUM_THREADS=1 python scripts/toy_check.py --quick --cache-dir /tmp/toy   # seconds: the smoke test's run
 """
 
 from __future__ import annotations
@@ -27,34 +28,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from knnmoe_eval.core.routers import find_routers
+from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.experiments import toy
+from knnmoe_eval.testing import router_inputs, router_logits, small_toy
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks" / "toy"
 
 
-@contextlib.contextmanager
 def routed(model, transform):
-    """Route every OLMoE layer through `transform(layer, logits) -> logits`, then OLMoE's own gating rule."""
-    gates = [layer.mlp.gate for layer in model.model.layers]
-
-    def make_forward(index, gate):
-        def forward(hidden):
-            logits = transform(index, F.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight))
-            probs = logits.float().softmax(-1)  # (n_tokens, n_experts)
-            top, experts = probs.topk(gate.top_k, dim=-1)
-            if gate.norm_topk_prob:
-                top = top / top.sum(-1, keepdim=True)
-            return logits, top.to(logits.dtype), experts
-
-        return forward
-
-    for index, gate in enumerate(gates):
-        gate.forward = make_forward(index, gate)
-    try:
-        yield
-    finally:
-        for gate in gates:
-            del gate.forward  # back to the class's forward
+    """Every router through `transform(layer, logits) -> logits`, then the model's own gating: the package's one
+    router hook (`hooked_routers`), whose gating is the family's (`RouterSite.gate`)."""
+    return hooked_routers(find_routers(model), lambda site, h, z: transform(site.layer, z))
 
 
 def batch(tokenizer, records, marker: str | None = None):
@@ -88,7 +73,8 @@ def lm_eval_acc(pretrained: Path, toy_dir: Path, tasks: list[str]) -> dict[str, 
         tasks=tasks,
         device="cpu",
         batch_size=64,
-        task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"toy_dir": str(toy_dir)}),
+        task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                                 metadata={"toy_dir": str(toy_dir)}),
         verbosity="WARNING",
     )
     return {t: out["results"][t]["acc,none"] for t in tasks}
@@ -100,9 +86,7 @@ def oracle_routing(model, tokenizer, records, rules):
     for d, marker in enumerate(rules.markers):
         group = [r for r in records if rules.shift_domain(r["query"]) == d]
         ids, last = batch(tokenizer, group, marker)
-        recorded = []
-        with torch.no_grad(), routed(model, lambda i, z: recorded.append(z) or z):
-            model(ids)
+        recorded = router_logits(model, ids)
         rows = torch.arange(len(group))
         # positions in the shifted texts match the swapped ones: only the marker character differs
         flat = rows * ids.shape[1] + last
@@ -161,19 +145,7 @@ def nearest_neighbour_domains(model, tokenizer, refs, tests, rules):
     def keys(records):
         ids, last = batch(tokenizer, records)
         flat = torch.arange(len(records)) * ids.shape[1] + last
-        seen = []
-
-        def record(module, args):
-            seen.append(args[0].reshape(-1, args[0].shape[-1]))
-
-        hooks = [layer.mlp.gate.register_forward_pre_hook(record) for layer in model.model.layers]
-        try:
-            with torch.no_grad():
-                model(ids)
-        finally:
-            for h in hooks:
-                h.remove()
-        return [h[flat] for h in seen]
+        return [h[flat] for _, h in sorted(router_inputs(model, ids).items())]
 
     ref_domain = torch.tensor([rules.shift_domain(r["query"]) for r in refs])
     test_domain = torch.tensor([rules.shift_domain(r["query"]) for r in tests])
@@ -188,13 +160,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "knnmoe_eval" / "toy"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true",
+                        help="knnmoe_eval.testing.small_toy() and 2 steps each: the script runs (seconds), its "
+                             "figures mean nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    toy_dir = toy.train_or_load(args.cache_dir)
-    config = toy.ToyConfig()
+    config = small_toy() if args.quick else toy.ToyConfig()
+    steps = {"steps": 2} if args.quick else {}
+    toy_dir = toy.train_or_load(args.cache_dir, config)
     rules = toy.make_rules(config)
     model = AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy_dir)
@@ -207,8 +183,8 @@ def main():
     rows = [("stock (lm-eval)", stock["knnmoe_toy_indomain"], stock["knnmoe_toy_shift"])]
     rows.append(("stock (direct scoring)", None, score(model, tokenizer, shift)[0]))
     rows.append(("oracle routing, query position", None, oracle_routing(model, tokenizer, shift, rules)))
-    rows.append(("per-item router offsets, 30 Adam steps", None, optimized_offsets(model, tokenizer, shift)))
-    tuned = finetune_router(model, tokenizer, refs)
+    rows.append(("per-item router offsets, 30 Adam steps", None, optimized_offsets(model, tokenizer, shift, **steps)))
+    tuned = finetune_router(model, tokenizer, refs, **steps)
     with tempfile.TemporaryDirectory() as tmp:
         tuned.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

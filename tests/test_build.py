@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import signature
 from safetensors.torch import load_file, save_file
 
 from knnmoe_eval import KnnMoeError, KnnMoeOptions
@@ -10,17 +9,7 @@ from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
 from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.routers import find_routers
-from knnmoe_eval.testing import make_tiny_model
-
-
-def sequences(n=6, length=9, n_cont=3, seed=0):
-    """The same n reference sequences on every call, whatever ran before (tests must not depend on order)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
-        out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
-    return out
+from knnmoe_eval.testing import make_tiny_model, random_references, signature
 
 
 def builder(model, tmp_path, **opts):
@@ -34,7 +23,7 @@ def test_positions_all_stores_every_position_scored_on_its_own_next_token(tmp_pa
     from knnmoe_eval.core.gradient import optimise_logits
 
     model = make_tiny_model("olmoe")
-    seq = sequences(1)[0]
+    seq = random_references(1)[0]
     b = builder(model, tmp_path, positions="all")
     b.run([seq], pad_id=0, batch_size=1)
     b.finalize()
@@ -57,14 +46,14 @@ def test_positions_all_stores_every_position_scored_on_its_own_next_token(tmp_pa
 def test_more_steps_with_a_small_eta_lower_the_reference_loss(tmp_path, optimizer, eta):
     model = make_tiny_model("olmoe")
     b = builder(model, tmp_path, eta=eta, steps=4, optimizer=optimizer)
-    b.run(sequences(), pad_id=0, batch_size=3)
+    b.run(random_references(), pad_id=0, batch_size=3)
     curve = b.loss_curve
     assert all(later < earlier for earlier, later in zip(curve, curve[1:])), curve
 
 
 def test_interrupted_build_resumes_to_the_same_memory(tmp_path, monkeypatch):
     model = make_tiny_model("olmoe")
-    seqs = sequences(8)
+    seqs = random_references(8)
     full = builder(model, tmp_path / "a", shard_tokens=1)
     full.run(seqs, pad_id=0, batch_size=2)
     full.finalize()
@@ -98,7 +87,7 @@ def test_streamed_finalize_writes_what_an_in_ram_merge_would(tmp_path):
     """Many small shards and lm-eval's padding duplicates: the streamed merge is byte for byte the file that
     merging every shard in RAM (first copy of each request, request order) and `save_file` would give."""
     model = make_tiny_model("olmoe")
-    seqs = sequences(8)
+    seqs = random_references(8)
     seqs += [seqs[-1], seqs[2]]  # a short rank is padded with copies of its requests
     small = builder(model, tmp_path / "a", shard_tokens=1)
     small.run(seqs, pad_id=0, batch_size=3)
@@ -133,7 +122,7 @@ def test_bad_build_input(tmp_path):
         tokenize_request(("t", 0, 0), [1, 5, 6], [], max_length=16)
     # a partial build of another model in the same directory
     b = builder(model, tmp_path / "x", shard_tokens=1)
-    b.run(sequences(2), pad_id=0, batch_size=2)
+    b.run(random_references(2), pad_id=0, batch_size=2)
     with pytest.raises(KnnMoeError, match="partial build for another model"):
         builder(make_tiny_model("olmoe", seed=3), tmp_path / "x")
     with pytest.raises(KnnMoeError, match="partial build with other settings"):
@@ -148,7 +137,7 @@ def test_bad_build_input(tmp_path):
 def test_manifest_records_the_build_settings(tmp_path):
     model = make_tiny_model("olmoe")
     b = builder(model, tmp_path, loss="mean", eta=3.0)
-    b.run(sequences(2), pad_id=0, batch_size=2)
+    b.run(random_references(2), pad_id=0, batch_size=2)
     b.finalize()
     build = load_memory(tmp_path / "mem").manifest["build"]
     assert {k: build[k] for k in ("eta", "steps", "loss", "grad", "optimizer", "positions")} == dict(

@@ -6,12 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_TOY
 
 from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
 from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
-from knnmoe_eval.testing import save_tiny
+from knnmoe_eval.testing import save_tiny, small_toy
 
 pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds and SFT on a toy
 
@@ -22,7 +21,7 @@ TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
-    return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(SMALL_TOY, n_shift_ref=40, n_shift_test=16), progress=False))
+    return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(small_toy(), n_shift_ref=40, n_shift_test=16), progress=False))
 
 
 def toy_settings(toy_dir, out, **kw):
@@ -87,7 +86,7 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
     shutil.copytree(shared_pieces, tmp_path, dirs_exist_ok=True)
     runner = Runner(toy_settings(toy_dir, tmp_path, judge="knn-dense", n_values=(0, 32, 40), k_values=(1, 2),
                                  step_values=(1, 2), seeds=(0, 1)))
-    markdown = ablations.run(runner, name)
+    markdown = ablations.ablate(runner, name)
     rows = json.loads((tmp_path / "ablations" / f"{name}.json").read_text())["rows"]
     assert (tmp_path / "ablations" / f"{name}.png").stat().st_size > 1000
     assert markdown.count("\n|") == len(rows) + 2  # header, rule, one line per row

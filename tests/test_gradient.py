@@ -14,7 +14,7 @@ import torch
 from knnmoe_eval.core.gradient import LeafLogits, optimise_logits
 from knnmoe_eval.core.hooks import hooked_routers
 from knnmoe_eval.core.routers import find_routers
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_logits
 
 LAYERS = 4
 
@@ -57,7 +57,7 @@ def batch(n_answer: int, seed: int = 2):
 def reference_steps(model, inputs, targets, scored, eta, steps):
     """The paper's T steps, independently: identity routers fed with leaves, full-vocabulary log-softmax."""
     ref = copy.deepcopy(model)
-    stock = stock_logits(ref, find_routers(ref), inputs)
+    stock = router_logits(ref, inputs)
     leaves = {layer: z.clone().requires_grad_() for layer, z in stock.items()}
     for layer, z in leaves.items():
         mlp = ref.model.layers[layer].mlp
@@ -174,18 +174,6 @@ def test_gradient_matches_finite_differences_in_float64():
     assert checked >= 40 and max(g.abs().max() for g in grads) > 1e-3
 
 
-def stock_logits(model, sites, inputs):
-    stock = {}
-
-    def record(site, h, z):
-        stock[site.layer] = z.detach().float()
-        return z
-
-    with torch.no_grad(), hooked_routers(sites, record):
-        model(inputs)
-    return stock
-
-
 ONE_SIGN = {"olmoe", "qwen2_moe", "jamba", "deepseek_v2", "longcat_flash"}  # softmax over all, top-k, no renorm
 
 
@@ -206,7 +194,7 @@ def test_paper_gradient_never_names_an_unselected_expert_and_dense_does(family):
         p.requires_grad_(False)
     inputs, targets, answer = batch(3)
     sites = find_routers(model)
-    stock = stock_logits(model, sites, inputs)
+    stock = router_logits(model, inputs)
     paper = optimise_logits(model, sites, inputs, targets, answer, answer, eta=1.0)
     dense = optimise_logits(model, sites, inputs, targets, answer, answer, eta=1.0, grad="dense")
     rows = answer.reshape(-1)

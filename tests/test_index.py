@@ -6,14 +6,13 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import router_inputs, write_constant_memory
 from safetensors.torch import load_file, save_file
 
 from knnmoe_eval import attach
 from knnmoe_eval.core import index as knn_index
 from knnmoe_eval.core.options import KnnMoeOptions
 from knnmoe_eval.errors import KnnMoeError
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 

@@ -10,13 +10,15 @@ import lm_eval
 import lm_eval.tasks
 import pytest
 import torch
-from conftest import TASKS, empty_keys, router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.families import FAMILIES
 from knnmoe_eval.core.memory import load_memory, write_memory
 from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.signature import model_signature
+from knnmoe_eval.testing import empty_keys, router_inputs, write_constant_memory
+
+TASKS = str(Path(__file__).parent / "fixtures" / "tasks")  # the tinyqa fixture tasks
 
 # the families run through lm-eval here: one per router shape (the rest go through attach() in test_retrieval);
 # KNNMOE_LM_EVAL_FAMILIES=all runs every family

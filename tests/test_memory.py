@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import router_inputs, signature, write_constant_memory
 from safetensors.torch import save_file
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
 from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import MANIFEST_SHA256, manifest_digest, write_memory
 from knnmoe_eval.core.options import KnnMoeOptions, split_model_args
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_inputs, signature, write_constant_memory
 
 IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 

@@ -7,12 +7,11 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
 from knnmoe_eval.core.card import CARD
 from knnmoe_eval.core.memory import _LAYER_SCHEMA, _SCHEMA, MANIFEST, MANIFEST_SHA256, manifest_digest
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
 
 REF_IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 QUERY_IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(1))  # near the memory, not in it

@@ -6,10 +6,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import router_inputs, signature
 
 from knnmoe_eval import KnnMoeError
-from knnmoe_eval.core.build import MemoryBuilder, tokenize_request
+from knnmoe_eval.core.build import MemoryBuilder
 from knnmoe_eval.core.gradient import optimise_logits
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.mixing import mix, within_radius
@@ -17,21 +16,12 @@ from knnmoe_eval.core.options import PRESETS, UNCALIBRATED, KnnMoeOptions, defau
 from knnmoe_eval.core.retrieval import attach
 from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.core.sigma import RadiusSpec, layer_stats
-from knnmoe_eval.testing import make_tiny_model
-
-
-def sequences(n=6, length=9, n_cont=1):
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        ids = torch.randint(4, 250, (length + (i % 3),), generator=gen).tolist()
-        out.append(tokenize_request(("t", i, 0), [1] + ids[:-n_cont], ids[-n_cont:], max_length=64))
-    return out
+from knnmoe_eval.testing import make_tiny_model, random_references, router_inputs, signature
 
 
 def build(model, path, **given):
     b = MemoryBuilder(model, find_routers(model), signature(model), KnnMoeOptions(memory=str(path), mode="build", **given))
-    b.run(sequences(), pad_id=0, batch_size=3)
+    b.run(random_references(n_cont=1), pad_id=0, batch_size=3)
     b.finalize()
     return load_memory(path)
 
@@ -92,7 +82,7 @@ def test_plus_memory_records_its_preset_and_refuses_another(tmp_path):
         with attach(model, paper, confidence="radius"):
             pass
     with attach(model, memory, preset="plus") as retriever:
-        model(torch.tensor([sequences(1)[0].tokens]))
+        model(torch.tensor([random_references(1, n_cont=1)[0].tokens]))
     assert retriever.diagnostics()
 
 
@@ -119,7 +109,7 @@ def test_radius_is_the_scaled_leave_one_out_quantile_capped_by_far_text():
 
 
 def _batch():
-    seqs = sequences(3)
+    seqs = random_references(3, n_cont=1)
     width = max(len(s.tokens) for s in seqs)
     inputs, targets = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long)
     scored = torch.zeros(3, width, dtype=torch.bool)
@@ -213,7 +203,7 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
     opts = KnnMoeOptions(memory=str(tmp_path / "mem"), mode="build", preset="plus", calibration=str(text),
                          calibration_quantile=0.0)
     b = MemoryBuilder(model, find_routers(model), signature(model), opts)
-    b.run(sequences(), pad_id=0, batch_size=3)
+    b.run(random_references(n_cont=1), pad_id=0, batch_size=3)
     b.read_calibration(([1] + [ord(c) + 4 for c in t] for t in read_texts(str(text))), pad_id=0, batch_size=2)
     b.finalize()
     memory = load_memory(tmp_path / "mem")

@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from conftest import router_inputs, signature
 
 from knnmoe_eval.core.memory import load_memory, write_memory
 from knnmoe_eval.core.prune import prune_memory
 from knnmoe_eval.core.routers import find_routers
 from knnmoe_eval.errors import KnnMoeError
 from knnmoe_eval.memory_cli import main
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_inputs, signature
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 

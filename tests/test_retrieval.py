@@ -4,14 +4,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import empty_keys, router_inputs, signature, write_constant_memory
 
 from knnmoe_eval import KnnMoeOptions, attach
 from knnmoe_eval.core.hooks import hooked_routers, routed_logits
 from knnmoe_eval.core.memory import load_memory
 from knnmoe_eval.core.retrieval import Retriever
 from knnmoe_eval.core.routers import find_routers
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import empty_keys, make_tiny_model, router_inputs, signature, write_constant_memory
 
 IDS = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -84,12 +83,18 @@ def test_values_naming_other_experts_change_topk_where_lambda_is_high_only(tmp_p
     assert all(torch.equal(stock_far[l], mixed_far[l]) for l in stock_far)
 
 
-def test_top1_share_is_one_with_a_single_neighbour(tmp_path):
+def test_top1_share_counts_the_confident_tokens_alone(tmp_path):
+    """k = 1: the share is 1 over the tokens whose neighbour was mixed in, however many others were far (lambda = 0),
+    and None when no token was near."""
     model = make_tiny_model("olmoe")
-    mem = write_constant_memory(tmp_path / "m", model, router_inputs(model, IDS), lambda l, n, e: torch.zeros(n, e))
-    with torch.no_grad(), attach(model, mem, k=1, sigma=1.0) as retriever:
-        model(IDS)
-    assert all(d["top1_share"] == 1.0 for d in retriever.diagnostics().values())
+    first_row = {l: h[: IDS.shape[1]] for l, h in router_inputs(model, IDS).items()}
+    mem = write_constant_memory(tmp_path / "m", model, first_row, lambda l, n, e: torch.zeros(n, e))
+    for ids, share in ((IDS, 1.0), (IDS[1:], None)):
+        with torch.no_grad(), attach(model, mem, k=1, sigma=1.0, max_distance=0.5) as retriever:
+            model(ids)
+        diag = retriever.diagnostics().values()
+        assert all(d["top1_share"] == share for d in diag)
+        assert all((0 < d["mean_lambda"] <= 0.5) if share else d["mean_lambda"] == 0 for d in diag)
 
 
 def test_top1_share_of_two_hand_placed_keys(tmp_path):

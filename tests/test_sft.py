@@ -1,45 +1,34 @@
 """The SFT baselines: what each method trains, loading through lm-eval's `hf` peft=, resume, reuse, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TASKS
 from safetensors.torch import load_file
 
 from knnmoe_eval import KnnMoeError
 from knnmoe_eval.core.routers import find_routers
-from knnmoe_eval.experiments.sft import reference_requests, split, tokenize, train_sft
-from knnmoe_eval.testing import save_tiny
+from knnmoe_eval.experiments.sft import SftSettings, main, reference_requests, split, tokenize, train_sft
+
+TASKS = str(Path(__file__).parent / "fixtures" / "tasks")  # the tinyqa fixture tasks
 
 LR = 1e-2  # tiny random models: a large step makes a 3-epoch run on 10 documents move the loss clearly
 
 
-def sft(pretrained, out, method, **kwargs):
-    return train_sft(pretrained, ["tinyqa_ref"], out, method, include_path=TASKS, progress=False,
-                     **{"lr": LR, **kwargs})
+def sft(pretrained, out, method, stop_after_epochs=None, **settings):
+    settings = SftSettings(pretrained, ["tinyqa_ref"], method, include_path=TASKS, **{"lr": LR, **settings})
+    return train_sft(settings, out, progress=False, stop_after_epochs=stop_after_epochs)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    dirs = {}
-
-    def get(family):
-        if family not in dirs:
-            dirs[family] = str(save_tiny(family, tmp_path_factory.mktemp(family)))
-        return dirs[family]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def trained(model_dir, tmp_path_factory):
+def trained(tiny_dir, tmp_path_factory):
     """(pretrained, out, summary) of a finished run per (family, method), trained once per module."""
     runs = {}
 
     def get(family, method):
         if (family, method) not in runs:
-            pretrained, out = model_dir(family), tmp_path_factory.mktemp(f"{family}-{method}")
+            pretrained, out = tiny_dir(family), tmp_path_factory.mktemp(f"{family}-{method}")
             runs[family, method] = (pretrained, out, sft(pretrained, out, method))
         return runs[family, method]
 
@@ -102,9 +91,9 @@ def test_router_sft_changes_router_weights_only(trained, family):
                    "mlp.shared_expert.down_proj.weight", "mlp.shared_expert_gate.weight")),
     ("gpt_oss", ()),
 ])
-def test_lora_covers_attention_router_and_every_expert(model_dir, tmp_path, family, extra):
+def test_lora_covers_attention_router_and_every_expert(tiny_dir, tmp_path, family, extra):
     """'All linear layers' as in transformers 4: attention, routers, experts, shared experts; nothing else moves."""
-    pretrained = model_dir(family)
+    pretrained = tiny_dir(family)
     sft(pretrained, tmp_path / "out", "lora", epochs=1)
     stock_model, stock = merged_state(pretrained)
     _, tuned = merged_state(pretrained, tmp_path / "out")
@@ -116,8 +105,8 @@ def test_lora_covers_attention_router_and_every_expert(model_dir, tmp_path, fami
 
 
 @pytest.mark.e2e
-def test_resumed_run_equals_uninterrupted_bit_for_bit(model_dir, tmp_path):
-    pretrained = model_dir("olmoe")
+def test_resumed_run_equals_uninterrupted_bit_for_bit(tiny_dir, tmp_path):
+    pretrained = tiny_dir("olmoe")
     full = sft(pretrained, tmp_path / "full", "lora", epochs=2)
     partial = sft(pretrained, tmp_path / "resumed", "lora", epochs=2, stop_after_epochs=1)
     assert partial["stopped_after_epoch"] == 1 and not (tmp_path / "resumed" / "train.json").exists()
@@ -131,8 +120,8 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(model_dir, tmp_path):
 
 
 @pytest.mark.e2e
-def test_cpu_training_does_not_depend_on_the_thread_count(model_dir, tmp_path):
-    pretrained, threads = model_dir("olmoe"), torch.get_num_threads()
+def test_cpu_training_does_not_depend_on_the_thread_count(tiny_dir, tmp_path):
+    pretrained, threads = tiny_dir("olmoe"), torch.get_num_threads()
     try:
         for n in (1, 2):  # as under OMP_NUM_THREADS=1 and 2
             torch.set_num_threads(n)
@@ -159,8 +148,8 @@ def test_finished_run_is_reused_without_training_and_other_settings_refused(trai
 
 
 @pytest.mark.e2e
-def test_interrupted_run_with_other_settings_is_refused(model_dir, tmp_path):
-    pretrained = model_dir("olmoe")
+def test_interrupted_run_with_other_settings_is_refused(tiny_dir, tmp_path):
+    pretrained = tiny_dir("olmoe")
     sft(pretrained, tmp_path / "out", "router", epochs=2, stop_after_epochs=1)
     with pytest.raises(KnnMoeError, match=r"other settings.*'lr'"):
         sft(pretrained, tmp_path / "out", "router", epochs=2, lr=LR / 2)
@@ -172,18 +161,31 @@ def test_interrupted_run_with_other_settings_is_refused(model_dir, tmp_path):
     (["tinyqa_ref"], {"limit": 3}, "no validation documents"),
     (["tinyqa_ref"], {"val_frac": 0.0}, "val_frac must lie"),
 ])
-def test_bad_reference_sets_are_refused(model_dir, tmp_path, tasks, kwargs, message):
+def test_bad_reference_sets_are_refused(tiny_dir, tmp_path, tasks, kwargs, message):
     with pytest.raises(KnnMoeError, match=message):
-        train_sft(model_dir("olmoe"), tasks, tmp_path / "out", "lora", include_path=TASKS, progress=False, **kwargs)
+        train_sft(SftSettings(tiny_dir("olmoe"), tasks, "lora", include_path=TASKS, **kwargs), tmp_path / "out",
+                  progress=False)
 
 
-def test_bad_method_and_foreign_output_dir_are_refused(model_dir, tmp_path):
+def test_bad_method_and_foreign_output_dir_are_refused(tiny_dir, tmp_path):
     with pytest.raises(KnnMoeError, match="unknown SFT method 'full'"):
-        sft(model_dir("olmoe"), tmp_path / "a", "full")
+        sft(tiny_dir("olmoe"), tmp_path / "a", "full")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("x")
     with pytest.raises(KnnMoeError, match="not an SFT output directory"):
-        sft(model_dir("olmoe"), tmp_path / "b", "lora")
+        sft(tiny_dir("olmoe"), tmp_path / "b", "lora")
+
+
+def test_command_line_has_a_flag_per_setting_and_trains_the_same_run(tiny_dir, tmp_path, capsys):
+    """`python -m knnmoe_eval.experiments.sft`: its flags are the settings' fields, read as their types; the run it
+    trains is the one the same SftSettings train (the second call reuses the first's output)."""
+    out = tmp_path / "out"
+    main(["--pretrained", tiny_dir("olmoe"), "--tasks", "tinyqa_ref", "--method", "router", "--out", str(out),
+          "--include_path", TASKS, "--epochs", "1", "--lr", str(LR), "--metadata", "{}"])
+    printed = json.loads(capsys.readouterr().out)
+    again = sft(tiny_dir("olmoe"), out, "router", epochs=1, metadata={})
+    assert printed["settings"] == again["settings"] == SftSettings(
+        tiny_dir("olmoe"), ("tinyqa_ref",), "router", include_path=TASKS, epochs=1, lr=LR, metadata={}).record()
 
 
 def test_split_is_seeded_disjoint_and_refuses_empty():

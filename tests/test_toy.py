@@ -4,9 +4,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_TOY as SMALL
 
 from knnmoe_eval.experiments import toy
+from knnmoe_eval.testing import small_toy
+
+SMALL = small_toy()
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "tasks" / "toy"
 TOY_TASKS = ("knnmoe_toy_indomain", "knnmoe_toy_shift", "knnmoe_toy_shift_ref")

@@ -5,7 +5,7 @@ keeps the stored positions, and owns resume and the merge. Keys are router input
 layer l >= 1 are computed with earlier layers stock, but at inference they are applied after earlier layers were
 already mixed: that mismatch is the paper's, kept by default; `keys=mixed` (preset=plus) re-reads the keys under
 the stored routing instead. With `radius_quantile` (and `calibration` text) the merge also stores each layer's
-confidence radius (`memory.layer_stats`).
+confidence radius (`sigma.layer_stats`).
 
 Long builds flush shards to OUT_DIR/shards as they go and a rerun of the same command skips finished requests;
 the memory itself is written last, manifest last of all. Finalizing merges one layer at a time, streaming each
@@ -160,7 +160,7 @@ class MemoryBuilder:
         if not sequences:
             raise KnnMoeError("the build task produced no requests: its reference split is empty")
         for p in self.model.parameters():
-            p.requires_grad_(False)  # only the offsets are differentiated
+            p.requires_grad_(False)  # only the leaf logits are differentiated
         self.out.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             write_json_atomic(self.out / BUILD_STATE, self._state())
@@ -214,7 +214,7 @@ class MemoryBuilder:
     def read_calibration(self, token_lists: Iterable[list[int]], pad_id: int, batch_size: int,
                          cap: int = CALIBRATION_TOKENS) -> None:
         """Router inputs (stock routing) at every position of the not-this-domain calibration text, up to `cap`
-        tokens per layer: what each layer's radius must stay clear of (`memory.RadiusSpec`)."""
+        tokens per layer: what each layer's radius must stay clear of (`sigma.RadiusSpec`)."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         far: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}

@@ -51,7 +51,6 @@ from .files import atomic_path, sha256_file
 log = logging.getLogger(__name__)
 
 EXACT = "SQfp16"
-NAMES = ("exact", "ivfpq", "ivfpq_rerank", "hnsw")
 INDEX_DIR = "index"
 SIDECAR_FORMAT = 1
 _CHUNK = 65_536  # keys converted to float32 and added per call

@@ -8,7 +8,7 @@ For one MoE layer and n tokens with router logits z and the k retrieved memory e
     z'     = (1 - lambda) z + lambda z_mem                   then the model's own top-k gating runs on z'
 
 `confidence=radius` (beyond the paper) replaces the kernel by a calibrated cut-off: s_i = 1 if ||h - key_i|| <= r_l,
-else 0, with r_l the layer's radius from the memory's own leave-one-out distances (`memory.layer_stats`): a query
+else 0, with r_l the layer's radius from the memory's own leave-one-out distances (`sigma.layer_stats`): a query
 as close to the memory as its keys are to each other takes the stored routing whole, anything farther is stock.
 
 Tokens with lambda == 0 get z back unchanged (not recomputed), which is what makes an empty or far-away memory

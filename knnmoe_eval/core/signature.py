@@ -24,7 +24,7 @@ def model_signature(model: torch.nn.Module, sites: Sequence[RouterSite]) -> dict
     cfg = model.config
     commit = getattr(cfg, "_commit_hash", None)  # the Hub commit from_pretrained read, for people (the card)
     return {
-        "name_or_path": getattr(cfg, "_name_or_path", ""),
+        "name_or_path": cfg.name_or_path,
         **({"revision": commit} if isinstance(commit, str) else {}),
         "model_type": sites[0].family.name,
         "hidden_size": sites[0].hidden_size,

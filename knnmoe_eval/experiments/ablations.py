@@ -35,7 +35,7 @@ PLUS_INGREDIENTS = {
 }
 
 
-def run(runner, name: str) -> str:
+def ablate(runner, name: str) -> str:
     """Run one ablation, write its files and return its markdown table."""
     if name not in ABLATIONS:
         raise KnnMoeError(f"unknown ablation {name!r}; choose from {', '.join(ABLATIONS)}")

@@ -49,14 +49,13 @@ class RoutedLogits:
 def load_balance(model: torch.nn.Module, sites: Sequence[RouterSite], sequences: list[list[int]],
                  inner: Transform | None = None) -> list[float]:
     """The family's load-balancing loss of each token sequence, run alone under `inner`'s routing (stock if None).
-
-    `sites` may name a router twice (peft's modules_to_save keeps the original beside the trained copy); only the
-    one the model calls records, so no hook is required to fire."""
+    Every router must run (`find_routers` leaves out the frozen original that peft's modules_to_save keeps beside
+    a router-only SFT's trained copy)."""
     recorder = RoutedLogits(inner)
     device = next(model.parameters()).device
     top_k = sites[0].top_k
     losses = []
-    with hooked_routers(sites, recorder, check_fired=False):
+    with hooked_routers(sites, recorder):
         for tokens in tqdm(sequences, desc="load balance", unit="seq"):
             recorder.logits = {}
             model(torch.tensor([tokens], device=device))

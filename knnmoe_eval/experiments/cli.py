@@ -67,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
         print((runner.out / "table.md").read_text())
     else:
         for name in args.which.split(","):
-            print(ablations.run(runner, name))
+            print(ablations.ablate(runner, name))

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DENSE = {"grad": "dense"}  # the build settings of the `grad=dense` rows
 PLUS = {"preset": "plus"}  # the build and evaluation setting of the `preset=plus` rows (docs/plus.md)
-PLUS = {"preset": "plus"}  # the build and evaluation setting of the `preset=plus` rows (docs/plus.md)
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,7 @@ class Runner:
 
     def adapter(self, bench: Benchmark, method: str, seed: int | None = None) -> Path:
         """A LoRA or router-only SFT adapter trained on `bench`'s references (see `sft.py`), by default with --seed."""
-        from .sft import train_sft
+        from .sft import SftSettings, train_sft
 
         seed = self.settings.seed if seed is None else seed
         lr = self.settings.lora_lr if method == "lora" else self.settings.router_lr
@@ -250,10 +249,12 @@ class Runner:
         chat = "-chat" if self.settings.apply_chat_template else ""
         path = self.out / "adapters" / (f"{bench.name}-{method}-n{self.settings.ref_limit or 'all'}-lr{lr or 'default'}"
                                         f"-e{self.settings.sft_epochs}-b{self.settings.sft_batch_size}{rank}{chat}-s{seed}")
-        train_sft(self.pretrained, [bench.ref], path, method, include_path=self.settings.include_path,
-                  metadata=self.metadata, limit=self.settings.ref_limit, seed=seed, epochs=self.settings.sft_epochs,
-                  lr=lr, batch_size=self.settings.sft_batch_size, lora_r=self.settings.lora_r, prompt=self.prompt_format,
-                  device=self.settings.device, dtype="float32" if self.settings.dtype == "auto" else self.settings.dtype, progress=True)
+        dtype = "float32" if self.settings.dtype == "auto" else self.settings.dtype
+        train_sft(SftSettings(self.pretrained, (bench.ref,), method, include_path=self.settings.include_path,
+                              metadata=self.metadata, limit=self.settings.ref_limit, seed=seed,
+                              epochs=self.settings.sft_epochs, lr=lr, batch_size=self.settings.sft_batch_size,
+                              lora_r=self.settings.lora_r, device=self.settings.device, dtype=dtype,
+                              prompt=self.prompt_format), path)
         return path
 
     def scores(self, run: str, bench: Benchmark, make_lm, task: str | None = None, config: dict | None = None) -> dict:
@@ -366,9 +367,9 @@ class Runner:
         methods["kNN-MoE (plus)"] = lambda: self.knn_plus(bench)
         methods["C3PO"] = lambda: self.c3po(bench)
         rows = {}
-        for name, run in methods.items():
+        for name, evaluate in methods.items():
             try:
-                rows[name] = run()
+                rows[name] = evaluate()
             except KnnMoeError as e:
                 if name == "Zero-shot":
                     raise

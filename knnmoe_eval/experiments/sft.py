@@ -45,8 +45,8 @@ import random
 import shutil
 import time
 import warnings
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,66 @@ WEIGHT_DECAY = 0.01  # the paper's Table 15, like alpha = r and the linear decay
 TRAIN_JSON = "train.json"
 CKPT_DIR = "checkpoints"
 STATE_JSON = "state.json"
+
+
+def _tasks(value: str) -> tuple[str, ...]:
+    return tuple(value.split(","))
+
+
+@dataclass(frozen=True)
+class SftSettings:
+    """One SFT baseline: which model trains how on which reference tasks (the paper's Table 15 where legible).
+    `python -m knnmoe_eval.experiments.sft` has one flag per field: its help, and how argparse reads it, are the
+    field's metadata."""
+
+    pretrained: str = field(metadata={"help": "model path or hub id"})
+    tasks: tuple[str, ...] = field(metadata={"help": "build tasks, comma-separated, e.g. knnmoe_medmcqa_ref",
+                                             "type": _tasks})
+    method: str = field(metadata={"help": "lora: LoRA on every linear map; router: the routers' weights alone",
+                                  "choices": METHODS})
+    include_path: str | None = field(default=None, metadata={
+        "help": "lm-eval --include_path of the tasks (default: lm-eval's own tasks only)"})
+    metadata: dict | None = field(default=None, metadata={
+        "help": 'JSON passed to the tasks, e.g. \'{"data_dir": "data"}\' (default: none)', "type": json.loads})
+    limit: int | None = field(default=None, metadata={"help": "reference documents used (default: all)", "type": int})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the train/validation split, the data order and LoRA's initialisation", "type": int})
+    epochs: int = field(default=3, metadata={"help": "training epochs (the paper's count did not survive)",
+                                             "type": int})
+    lr: float | None = field(default=None, metadata={
+        "help": f"peak learning rate, decaying linearly to 0 (default per method: {DEFAULT_LR})", "type": float})
+    batch_size: int = field(default=16, metadata={"help": "documents per step (the paper's Table 15)", "type": int})
+    val_frac: float = field(default=0.15, metadata={
+        "help": "share of the documents held out; the epoch of lowest validation loss is kept", "type": float})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank, alpha = r (the paper's Table 15)", "type": int})
+    device: str = field(default="cpu", metadata={"help": "torch device"})
+    dtype: str = field(default="float32", metadata={"help": "model dtype"})
+    prompt: dict | None = field(default=None, metadata={
+        "help": "lm-eval's prompt formatting (apply_chat_template, system_instruction, fewshot_as_multiturn) as "
+                "JSON, so that SFT trains on the prompts it is tested on (default: lm-eval's plain prompts)",
+        "type": json.loads})
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))  # a list is fine from Python
+        if self.method not in METHODS:
+            raise KnnMoeError(f"unknown SFT method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lora_r < 1:
+            raise KnnMoeError(f"epochs, batch_size and lora_r must be >= 1 (got {self.epochs}, {self.batch_size}, "
+                              f"{self.lora_r})")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def record(self) -> dict:
+        """What an output directory records of its run, and what a rerun must match to reuse or resume it (the
+        device is left out: the same run may go on elsewhere)."""
+        return json.loads(json.dumps(dict(
+            pretrained=str(self.pretrained), tasks=list(self.tasks), method=self.method,
+            include_path=self.include_path, metadata=self.metadata, limit=self.limit, seed=self.seed,
+            epochs=self.epochs, lr=self.peak_lr, batch_size=self.batch_size, val_frac=self.val_frac,
+            lora_r=self.lora_r if self.method == "lora" else None, dtype=self.dtype, prompt=self.prompt or {},
+        )))
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -238,12 +298,10 @@ def _check_out(out: Path, settings: dict) -> dict | None:
 
 
 # -- training --------------------------------------------------------------------------------------------------
-def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Literal["lora", "router"], *,
-              include_path: str | None = None, metadata: dict | None = None, limit: int | None = None,
-              seed: int = 0, epochs: int = 3, lr: float | None = None, batch_size: int = 16, val_frac: float = 0.15,
-              lora_r: int = 32, device: str = "cpu", dtype: str = "float32", progress: bool = True,
-              prompt: dict | None = None, stop_after_epochs: int | None = None) -> dict:
-    """Train (or resume, or reuse) an SFT baseline into `out`; returns the summary written to out/train.json.
+def train_sft(settings: SftSettings, out: str | Path, *, progress: bool = True,
+              stop_after_epochs: int | None = None) -> dict:
+    """Train (or resume, or reuse) the SFT baseline `settings` into `out`; returns the summary written to
+    out/train.json.
 
     `stop_after_epochs` stops after that many epochs as an interruption would, leaving only the checkpoint
     (for resume tests and time-boxed runs); a rerun without it finishes the same run.
@@ -253,47 +311,34 @@ def train_sft(pretrained: str, tasks: list[str], out: str | Path, method: Litera
     depend on the machine's thread count. On a GPU the CPU threads do not touch the numbers and stay as they are.
     """
     threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
+    if torch.device(settings.device).type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _train_sft(pretrained, tasks, out, method, include_path=include_path, metadata=metadata, limit=limit,
-                          seed=seed, epochs=epochs, lr=lr, batch_size=batch_size, val_frac=val_frac, lora_r=lora_r,
-                          device=device, dtype=dtype, progress=progress, prompt=prompt,
-                          stop_after_epochs=stop_after_epochs)
+        return _train_sft(settings, Path(out), progress, stop_after_epochs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit, seed, epochs, lr, batch_size,
-               val_frac, lora_r, device, dtype, progress, prompt, stop_after_epochs) -> dict:
-    if method not in METHODS:
-        raise KnnMoeError(f"unknown SFT method {method!r}; choose one of {', '.join(METHODS)}")
-    if epochs < 1 or batch_size < 1 or lora_r < 1:
-        raise KnnMoeError(f"epochs, batch_size and lora_r must be >= 1 (got {epochs}, {batch_size}, {lora_r})")
-    out = Path(out)
-    settings = json.loads(json.dumps(dict(
-        pretrained=str(pretrained), tasks=list(tasks), method=method, include_path=include_path,
-        metadata=metadata, limit=limit, seed=seed, epochs=epochs, lr=lr if lr is not None else DEFAULT_LR[method],
-        batch_size=batch_size, val_frac=val_frac, lora_r=lora_r if method == "lora" else None, dtype=dtype,
-        prompt=prompt or {},
-    )))
-    if (done := _check_out(out, settings)) is not None:
+def _train_sft(s: SftSettings, out: Path, progress: bool, stop_after_epochs: int | None) -> dict:
+    recorded = s.record()
+    if (done := _check_out(out, recorded)) is not None:
         return done
 
     from lm_eval.models.huggingface import HFLM
     from peft import get_peft_model
 
-    lm = HFLM(pretrained=pretrained, device=device, dtype=dtype, batch_size=batch_size)
-    train, val = split(tokenize(lm, reference_requests(tasks, include_path, metadata, limit, lm, prompt)), val_frac, seed)
+    lm = HFLM(pretrained=s.pretrained, device=s.device, dtype=s.dtype, batch_size=s.batch_size)
+    requests = reference_requests(s.tasks, s.include_path, s.metadata, s.limit, lm, s.prompt)
+    train, val = split(tokenize(lm, requests), s.val_frac, s.seed)
     pad_id = lm.tokenizer.pad_token_id or 0
-    random.seed(seed)
-    torch.manual_seed(seed)  # LoRA's A matrices are initialised from it: a resumed run rebuilds the same model
+    random.seed(s.seed)
+    torch.manual_seed(s.seed)  # LoRA's A matrices are initialised from it: a resumed run rebuilds the same model
     with warnings.catch_warnings():
         # peft 0.21 checks rank/alpha patterns against module names only and calls our gate_up_proj pattern
         # unmatched, although the parameter-targeted LoRA does get rank 2r (tests/test_sft.py sees its effect)
         warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
-        model = get_peft_model(lm.model, peft_config(lm.model, method, lora_r)).eval()
-    optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=settings["lr"], weight_decay=WEIGHT_DECAY)
+        model = get_peft_model(lm.model, peft_config(lm.model, s.method, s.lora_r)).eval()
+    optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=s.peak_lr, weight_decay=WEIGHT_DECAY)
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
 
     ckpt = out / CKPT_DIR
@@ -301,24 +346,24 @@ def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit,
         state = json.loads((ckpt / STATE_JSON).read_text())
         _resume(ckpt, model, optimizer)
     else:
-        stock = mean_answer_nll(model, val, pad_id, batch_size)
-        state = dict(settings=settings, epoch=0, stock_val_loss=stock, train_loss=[], val_loss=[], best_epoch=None,
+        stock = mean_answer_nll(model, val, pad_id, s.batch_size)
+        state = dict(settings=recorded, epoch=0, stock_val_loss=stock, train_loss=[], val_loss=[], best_epoch=None,
                      best_val_loss=None, wall_time_s=0.0, n_train=len(train), n_val=len(val),
                      aux_loss_coef=aux_coef, val_docs=[list(s.rid[:2]) for s in val])
-    steps = math.ceil(len(train) / batch_size)
-    total_steps = epochs * steps
-    bar = tqdm(total=(epochs - state["epoch"]) * steps, desc=f"SFT ({method})", unit="step", disable=not progress)
-    last = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
+    steps = math.ceil(len(train) / s.batch_size)
+    total_steps = s.epochs * steps
+    bar = tqdm(total=(s.epochs - state["epoch"]) * steps, desc=f"SFT ({s.method})", unit="step", disable=not progress)
+    last = s.epochs if stop_after_epochs is None else min(s.epochs, stop_after_epochs)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for epoch in range(state["epoch"] + 1, last + 1):
         start = time.perf_counter()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch))
         total, count = 0.0, 0
-        for step, b in enumerate(range(0, len(train), batch_size), start=(epoch - 1) * steps):
+        for step, b in enumerate(range(0, len(train), s.batch_size), start=(epoch - 1) * steps):
             for group in optimizer.param_groups:  # linear decay to 0, a pure function of the step: resumes exactly
-                group["lr"] = settings["lr"] * (1 - step / total_steps)
-            batch = [train[i] for i in order[b : b + batch_size].tolist()]
+                group["lr"] = s.peak_lr * (1 - step / total_steps)
+            batch = [train[i] for i in order[b : b + s.batch_size].tolist()]
             nll, n, aux = answer_nll(model, batch, pad_id, aux=aux_coef > 0)
             optimizer.zero_grad(set_to_none=True)
             (nll / n + aux_coef * aux if aux_coef > 0 else nll / n).backward()
@@ -327,7 +372,7 @@ def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit,
             total, count = total + float(nll.detach()), count + n
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{total / count:.4f}")
-        val_loss = mean_answer_nll(model, val, pad_id, batch_size)
+        val_loss = mean_answer_nll(model, val, pad_id, s.batch_size)
         state["train_loss"].append(total / count)
         state["val_loss"].append(val_loss)
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
@@ -336,14 +381,14 @@ def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit,
         state["wall_time_s"] += time.perf_counter() - start
         _save_checkpoint(ckpt, epoch, model, optimizer, state)
     bar.close()
-    if state["epoch"] < epochs:
+    if state["epoch"] < s.epochs:
         return {**state, "stopped_after_epoch": state["epoch"]}
 
     _load_weights(model, ckpt / f"epoch_{state['best_epoch']:04d}.safetensors")
     model.save_pretrained(out)
     summary = {k: v for k, v in state.items() if k != "epoch"}
     summary["trainable_params"] = sum(p.numel() for p in _trainable(model).values())
-    if torch.cuda.is_available() and str(device).startswith("cuda"):
+    if torch.cuda.is_available() and str(s.device).startswith("cuda"):
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     write_json_atomic(out / TRAIN_JSON, summary)  # last: its presence means a finished run
     shutil.rmtree(ckpt)
@@ -351,26 +396,19 @@ def _train_sft(pretrained, tasks, out, method, *, include_path, metadata, limit,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="LoRA / router-only SFT baselines on kNN-MoE reference tasks")
-    p.add_argument("--pretrained", required=True)
-    p.add_argument("--tasks", required=True, help="comma-separated build tasks, e.g. knnmoe_medmcqa_ref")
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--out", required=True)
-    p.add_argument("--include_path")
-    p.add_argument("--metadata", type=json.loads, help='JSON, e.g. \'{"data_dir": "data"}\'')
-    p.add_argument("--limit", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, help=f"default per method: {DEFAULT_LR}")
-    p.add_argument("--batch_size", type=int, default=16, help="the paper's Table 15")
-    p.add_argument("--val_frac", type=float, default=0.15)
-    p.add_argument("--lora_r", type=int, default=32, help="LoRA rank, alpha = r (the paper's Table 15)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    a = p.parse_args(argv)
-    summary = train_sft(a.pretrained, a.tasks.split(","), a.out, a.method, include_path=a.include_path,
-                        metadata=a.metadata, limit=a.limit, seed=a.seed, epochs=a.epochs, lr=a.lr,
-                        batch_size=a.batch_size, val_frac=a.val_frac, lora_r=a.lora_r, device=a.device, dtype=a.dtype)
+    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.experiments.sft",
+                                description="LoRA / router-only SFT baselines on kNN-MoE reference tasks")
+    p.add_argument("--out", required=True, help="the adapter, its checkpoints while it trains, and train.json")
+    for f in fields(SftSettings):
+        cli = dict(f.metadata)
+        if f.default is MISSING:
+            cli["required"] = True
+        elif f.default is not None:  # a None default says in its help what it means
+            cli.update(default=f.default, help=f"{cli['help']} (default: {f.default})")
+        p.add_argument(f"--{f.name}", **cli)
+    args = vars(p.parse_args(argv))
+    out = args.pop("out")
+    summary = train_sft(SftSettings(**args), out)
     print(json.dumps({k: v for k, v in summary.items() if k != "val_docs"}, indent=2))
 
 

@@ -5,7 +5,7 @@ future work. Here any lm-eval model answers the reference set in the test task's
 `<ref task>_mc` tasks, same docs in the same order as the `<ref task>` build task); its pick per item (argmax
 loglikelihood, the rule of lm-eval's `acc`) becomes that item's continuation. The model itself gives
 self-labels, any other model (or `hf-knnmoe` with a memory) is a judge. `hf-knnmoe mode=build,labels=FILE` then
-teacher-forces those continuations instead of the gold ones (`KnnMoeLM._build`).
+teacher-forces those continuations instead of the gold ones (`requests.reference_sequences`).
 
 One JSON line per reference item:
 
@@ -125,7 +125,7 @@ def _labeller_name(model, model_args) -> str:
         args = model_args if isinstance(model_args, str) or model_args is None else \
             ",".join(f"{k}={v}" for k, v in model_args.items())
         return f"{model} {args}".strip() if args else model
-    hf = getattr(model, "_model", None) or getattr(model, "model", None)
+    hf = getattr(model, "model", None)  # HFLM.model: the (accelerate-unwrapped) transformers model
     return f"{type(model).__name__} {getattr(hf, 'name_or_path', '')}".strip()
 
 

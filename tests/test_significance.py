@@ -1,3 +1,5 @@
+"""Paired bootstrap and perplexity buckets (experiments/significance.py), and Selective's lowest-perplexity share."""
+
 import numpy as np
 import pytest
 
