@@ -142,9 +142,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "radius_quantile": 0.99, "radius_scale": 2.0, "confidence": "radius",
     },
 }
-# ... and what a preset sets instead when the build names no calibration text: without that cap, twice the
-# quantile admitted in-domain tokens on both toys (in-domain accuracy 0.73 and 0.81, docs/plus.md)
-UNCALIBRATED: dict[str, dict[str, Any]] = {"plus": {"radius_scale": 1.0}}
+# ... and what a preset sets instead when the build names no calibration text: nothing since the layers must agree
+# (mixing.agree_with_earlier), which keeps every toy's in-domain tokens out without the cap (docs/plus.md)
+UNCALIBRATED: dict[str, dict[str, Any]] = {"plus": {}}
 
 
 def default(name: str, preset: str = "paper") -> Any:
