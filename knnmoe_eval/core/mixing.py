@@ -16,7 +16,9 @@ if it was within its radius at every earlier layer of the forward. The first MoE
 depend on any routing, and its keys are the same whether the memory read them under stock or mixed routing, so it
 is the one comparison that never drifts; a later layer's keys (read under the stored routing, `keys=mixed`) sit
 where the source domain's own tokens are, and a radius set by their spread admits those tokens there. Requiring
-every earlier layer to agree can only take tokens away from the memory, never add one.
+every earlier layer to agree can only take tokens away from the memory, never add one. The agreement is kept
+by the Retriever from one layer call to the next of a forward (layers run in order, eagerly), so under
+pipeline parallelism each stage starts it afresh at its own first layer.
 
 Tokens with lambda == 0 get z back unchanged (not recomputed), which is what makes an empty or far-away memory
 reproduce the stock model bit for bit. Independent of models, families and lm-eval; `attach` calls it.
