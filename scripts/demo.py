@@ -8,7 +8,9 @@
 3. evaluate through lm-eval the stock model (`hf`) and `hf-knnmoe` with each memory on the shifted test split and
    on an in-domain split; print a table, save results/demo.json and results/demo.png (accuracy, lambda per layer).
 
-`--toy second` runs the same on the generalisation toy of docs/plus.md (results/demo-second.*).
+`--toy second` and `--toy third` run the same on the generalisation toys of docs/plus.md (results/demo-second.*,
+results/demo-third.*); `--uncalibrated` adds a plus memory built without calibration text, as a user who has none
+builds it.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from pathlib import Path
 import lm_eval
 import lm_eval.tasks
 
-from knnmoe_eval.experiments.toy import SECOND_TOY, ToyConfig, data_file, train_or_load
+from knnmoe_eval.experiments.toy import SECOND_TOY, THIRD_TOY, ToyConfig, data_file, train_or_load
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["knnmoe_toy_shift", "knnmoe_toy_indomain"]
+TOYS = {"readme": ToyConfig(), "second": SECOND_TOY, "third": THIRD_TOY}
 
 
 def evaluate(task_manager, model: str, model_args: str, tasks: list[str]) -> dict:
@@ -80,23 +83,27 @@ def main() -> None:
     parser.add_argument("--cache", default=str(ROOT / ".cache"), help="where the trained toy model is kept")
     parser.add_argument("--memories", default=str(ROOT / "memories"), help="where the demo's memories are written")
     parser.add_argument("--out", default=str(ROOT / "results"), help="where demo.json and demo.png go")
-    parser.add_argument("--toy", choices=("readme", "second"), default="readme",
-                        help="readme: the README's toy; second: the generalisation toy of docs/plus.md")
+    parser.add_argument("--toy", choices=tuple(TOYS), default="readme",
+                        help="readme: the README's toy; second, third: the generalisation toys of docs/plus.md")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="also build and evaluate preset=plus without calibration text")
     parser.add_argument("--k", type=int, default=1)
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
-    toy_dir = train_or_load(args.cache, ToyConfig() if args.toy == "readme" else SECOND_TOY)
+    toy_dir = train_or_load(args.cache, TOYS[args.toy])
     tm = lm_eval.tasks.TaskManager(include_path=str(ROOT / "tasks" / "toy"), metadata={"toy_dir": str(toy_dir)})
     key = toy_dir.name
     methods = {"stock": ("hf", f"pretrained={toy_dir}")}
     # the toy's training-domain text (its train split, no test item) is what the plus memory must stay clear of
-    presets = {"paper": {}, "plus": {"calibration": str(data_file(toy_dir, "train"))}}
+    presets = {"paper": ("paper", {}), "plus": ("plus", {"calibration": str(data_file(toy_dir, "train"))})}
+    if args.uncalibrated:
+        presets["plus, no calibration"] = ("plus", {})
     build_s = {}
-    for preset, extra in presets.items():
-        memory = Path(args.memories) / f"{key}-{preset}"
-        build_s[f"kNN-MoE ({preset})"] = build(tm, toy_dir, memory, {"preset": preset, **extra})
-        methods[f"kNN-MoE ({preset})"] = ("hf-knnmoe", f"pretrained={toy_dir},memory={memory},k={args.k},preset={preset}")
+    for name, (preset, extra) in presets.items():
+        memory = Path(args.memories) / f"{key}-{name.replace(', no calibration', '-uncalibrated')}"
+        build_s[f"kNN-MoE ({name})"] = build(tm, toy_dir, memory, {"preset": preset, **extra})
+        methods[f"kNN-MoE ({name})"] = ("hf-knnmoe", f"pretrained={toy_dir},memory={memory},k={args.k},preset={preset}")
 
     rows = {}
     for name, (model, model_args) in methods.items():
@@ -123,7 +130,7 @@ def main() -> None:
               f"{secs} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "demo" if args.toy == "readme" else "demo-second"
+    stem = "demo" if args.toy == "readme" else f"demo-{args.toy}"
     (out / f"{stem}.json").write_text(json.dumps({"toy_dir": str(toy_dir), "k": args.k, "rows": rows}, indent=2))
     plot(rows, out / f"{stem}.png")
     print(f"\nwrote {out / stem}.json and {out / stem}.png")

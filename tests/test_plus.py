@@ -29,9 +29,10 @@ def build(model, path, **given):
 def test_preset_sets_defaults_and_explicit_options_win():
     plus, _ = split_model_args({"preset": "plus", "memory": "m", "mode": "build", "calibration": __file__}, set())
     assert {k: getattr(plus, k) for k in PRESETS["plus"]} == PRESETS["plus"]
-    # without calibration text to cap it, the preset's radius is narrower; an explicit radius_scale still wins
+    # without calibration text the preset's radius is the same (the layers' agreement keeps in-domain tokens out);
+    # an explicit radius_scale still wins
     bare, _ = split_model_args({"preset": "plus", "memory": "m"}, set())
-    assert bare.radius_scale == UNCALIBRATED["plus"]["radius_scale"] != plus.radius_scale
+    assert UNCALIBRATED["plus"] == {} and bare.radius_scale == plus.radius_scale == 2.0
     assert split_model_args({"preset": "plus", "memory": "m", "radius_scale": "3"}, set())[0].radius_scale == 3.0
     # lm-eval hands model_args over as strings or parsed numbers: explicit ones win over the preset either way
     mine, _ = split_model_args({"preset": "plus", "memory": "m", "steps": "3", "confidence": "kernel"}, set())
@@ -49,7 +50,7 @@ def test_constructing_the_options_with_a_preset_applies_it():
     direct = KnnMoeOptions(preset="plus", memory="m", calibration=__file__, mode="build")
     parsed, _ = split_model_args({"preset": "plus", "memory": "m", "calibration": __file__, "mode": "build"}, set())
     assert direct == parsed and {k: getattr(direct, k) for k in PRESETS["plus"]} == PRESETS["plus"]
-    assert KnnMoeOptions(preset="plus", memory="m").radius_scale == UNCALIBRATED["plus"]["radius_scale"]
+    assert KnnMoeOptions(preset="plus", memory="m").radius_scale == PRESETS["plus"]["radius_scale"]
     assert KnnMoeOptions(memory="m").grad == "paper" == default("grad")
     assert replace(direct, k=4).grad == "dense" and replace(direct, k=4).k == 4
 
@@ -212,3 +213,56 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
         nearest = torch.cdist(b.far[layer].float(), lm.keys.float()).min()  # quantile 0: the nearest token
         cap = memory.manifest["layers"][str(layer)]["radius_far_cap"]
         assert cap == pytest.approx(float(nearest), rel=1e-3) and lm.stats["radius"] <= cap
+
+
+def test_layers_must_agree_a_token_beyond_an_earlier_radius_stays_beyond():
+    """agree_with_earlier against an independent loop: a token keeps its neighbours at a layer only if it had at
+    least one within the radius at every earlier layer; the first layer is the radius alone."""
+    from knnmoe_eval.core.mixing import agree_with_earlier
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [within_radius(torch.rand(50, 3, generator=gen, dtype=torch.float64), 0.6) for _ in range(4)]
+    near_before, reach = None, [True] * 50
+    for sims in layers:
+        out, near_before = agree_with_earlier(sims, near_before)
+        for t in range(50):
+            reach[t] = reach[t] and bool(sims[t].sum() > 0)
+            expected = sims[t] if reach[t] else torch.zeros(3, dtype=torch.float64)
+            assert torch.equal(out[t], expected)
+        assert near_before.tolist() == reach
+    assert 0 < sum(reach) < 50  # the case is not trivial: some tokens lost on the way, some kept
+
+
+def _radius_memory(path, model, inputs, far_layer):
+    """A memory of `inputs`' own router inputs (stock logits as values) with a radius at every layer, except that
+    layer `far_layer`'s keys are moved far away: the retrieval sees the query's own key at every other layer."""
+    from knnmoe_eval.core.memory import write_memory_streamed
+
+    sites = find_routers(model)
+    h = router_inputs(model, inputs)
+    rows = {}
+    for s in sites:
+        keys = h[s.layer] + (100.0 if s.layer == far_layer else 0.0)
+        rows[s.layer] = (len(keys), [(keys.half(), s.logits(h[s.layer]).float())])
+    return load_memory(write_memory_streamed(path, rows, signature(model), build={"preset": "plus"},
+                                             radius=RadiusSpec(quantile=0.5, scale=0.25)))
+
+
+def test_a_token_far_from_the_memory_at_the_first_layer_is_stock_at_every_layer(tmp_path):
+    """The chained radius through the Retriever: every token sits on its own key at the second layer, yet with the
+    first layer's keys moved away no token is mixed anywhere and the logits are the stock model's, bit for bit."""
+    model = make_tiny_model("olmoe")
+    sites = find_routers(model)
+    assert len(sites) >= 2
+    inputs = torch.tensor([s.tokens for s in sequences(3, length=9, n_cont=1)[:1]])
+    with torch.no_grad():
+        stock = model(inputs).logits
+    near = _radius_memory(tmp_path / "near", model, inputs, far_layer=None)
+    with torch.no_grad(), attach(model, near, preset="plus") as retriever:
+        model(inputs)
+    assert all(d["mean_lambda"] == 1.0 for d in retriever.diagnostics().values())  # the control: all on their keys
+    far = _radius_memory(tmp_path / "far", model, inputs, far_layer=sites[0].layer)
+    with torch.no_grad(), attach(model, far, preset="plus") as retriever:
+        chained = model(inputs).logits
+    assert all(d["mean_lambda"] == 0.0 for d in retriever.diagnostics().values())
+    assert torch.equal(chained, stock)

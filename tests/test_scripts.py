@@ -23,6 +23,7 @@ QUICK = {
     "demo.py": None,  # its one run is `make demo` (~3 min: trains the README's toy)
     "gpu_check.py": (["--device", "cpu", "--layers", "1", "--keys", "2000", "--tokens", "16", "--reps", "1",
                       "--json", "{tmp}/gpu_check.json"], "gpu_check.json"),
+    "kernel_levels.py": None,  # seconds, and tested for what it prints in test_kernel_levels.py
     "machine_load.py": None,  # a library of the perf scripts: test_machine_load_records_the_others_load below
     "perf_build.py": (["--layers", "1", "--requests", "2", "--context", "16", "--batch-size", "2",
                        "--json", "{tmp}/perf_build.json"], "perf_build.json"),

@@ -67,6 +67,27 @@ def test_bad_config_is_refused(bad):
         toy.ToyConfig(**bad)
 
 
+def test_pair_shift_answers_by_the_symbol_and_the_one_before():
+    """shift=pair (the third toy): every image of a shifted item, context pairs included, follows the rule of
+    shift_source[(symbol + previous symbol) mod n], checked from the text itself; the default keys are unchanged."""
+    pair = replace(SMALL, shift="pair", n_shift_ref=40)
+    assert replace(SMALL, shift="symbol").key() == SMALL.key() != pair.key()
+    rules = toy.make_rules(pair)
+    symbols = rules.symbols
+    depends_on_previous = False
+    for r in toy.generate_splits(pair)["shift_ref"]:
+        pairs = r["text"].split(": ")[1].split(" ")  # "X: ab cd e" + answer -> ["ab", "cd", "ef"]
+        for i, (symbol, image) in enumerate(pairs):
+            previous = pairs[i - 1][0] if i else symbol
+            domain = rules.shift_source[(symbols.index(symbol) + symbols.index(previous)) % len(symbols)]
+            assert image == rules.images[domain][symbols.index(symbol)]
+            depends_on_previous |= domain != rules.shift_source[symbols.index(symbol)]
+        assert r["gold"] == r["choices"].index(pairs[-1][1])
+    assert depends_on_previous
+    with pytest.raises(Exception, match="shift must be one of"):
+        toy.ToyConfig(shift="marker")
+
+
 def test_shifted_domain_needs_every_training_rule():
     # a per-symbol mix: no single domain's experts (one constant routing change) can answer it
     assert set(toy.make_rules(SMALL).shift_source) == set(range(SMALL.n_domains))

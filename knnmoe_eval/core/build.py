@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
 BUILD_STATE = "build.json"
+RADIUS_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
 CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
 
 
@@ -317,6 +318,8 @@ def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: l
 def build_settings(opts: KnnMoeOptions) -> dict:
     """What a built memory records about how it was built (labels: null = gold answers)."""
     settings = {n: getattr(opts, n) for n in BUILD_FIELDS}
+    if opts.radius_quantile is not None:  # how confidence=radius reads the radii: every earlier layer must agree
+        settings["radius_rule"] = RADIUS_RULE
     return {**settings, "labels": None if opts.labels is None else describe(opts.labels),
             "calibration": None if opts.calibration is None else {
                 "sha256": sha256_file(Path(opts.calibration)), "quantile": opts.calibration_quantile}}

@@ -11,6 +11,15 @@ For one MoE layer and n tokens with router logits z and the k retrieved memory e
 else 0, with r_l the layer's radius from the memory's own leave-one-out distances (`sigma.layer_stats`): a query
 as close to the memory as its keys are to each other takes the stored routing whole, anything farther is stock.
 
+Under `confidence=radius` the layers must also agree (`agree_with_earlier`): a token is within reach at layer l only
+if it was within its radius at every earlier layer of the forward. The first MoE layer's router input does not
+depend on any routing, and its keys are the same whether the memory read them under stock or mixed routing, so it
+is the one comparison that never drifts; a later layer's keys (read under the stored routing, `keys=mixed`) sit
+where the source domain's own tokens are, and a radius set by their spread admits those tokens there. Requiring
+every earlier layer to agree can only take tokens away from the memory, never add one. The agreement is kept
+by the Retriever from one layer call to the next of a forward (layers run in order, eagerly), so under
+pipeline parallelism each stage starts it afresh at its own first layer.
+
 Tokens with lambda == 0 get z back unchanged (not recomputed), which is what makes an empty or far-away memory
 reproduce the stock model bit for bit. Independent of models, families and lm-eval; `attach` calls it.
 """
@@ -42,6 +51,18 @@ def similarity(dist2: torch.Tensor, kind: str, two_sigma2: float, max_distance: 
 def within_radius(dist2: torch.Tensor, radius: float) -> torch.Tensor:
     """Similarities (n, k) of `confidence=radius`: 1 for neighbours within `radius` (same space as dist2), else 0."""
     return (dist2 <= radius**2).to(dist2.dtype)
+
+
+def agree_with_earlier(sims: torch.Tensor, near_before: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`confidence=radius` across layers: the similarities (n, k) of one layer with every neighbour of a token zeroed
+    where that token was beyond the radius at an earlier layer, and the tokens (n,) bool within reach so far.
+
+    near_before: (n,) bool from the previous layer of the same forward, None at its first layer."""
+    near = (sims > 0).any(dim=-1)
+    if near_before is not None:
+        near = near & near_before.to(near.device)
+        sims = torch.where(near.unsqueeze(-1), sims, torch.zeros_like(sims))
+    return sims, near
 
 
 def mix(z: torch.Tensor, values: torch.Tensor, sims: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

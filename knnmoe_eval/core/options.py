@@ -67,7 +67,7 @@ class KnnMoeOptions:
     similarity: str = _help("`rbf`, `rbf_l2` (RBF on L2-normalised vectors), `cosine`", default="rbf")
     sigma: float | None = _help("RBF bandwidth; auto: 2σ² = the memory's mean squared nearest-neighbour distance", default=None, shown="auto")
     max_distance: float | None = _help("λ = 0 beyond this distance (the exp kernel alone never reaches 0)", default=None, shown="off")
-    confidence: str = _help("`kernel`: λ = mean similarity (the paper); `radius`: λ = share of the k neighbours within the layer's calibrated radius (needs a memory built with `radius_quantile`; beyond the paper)", default="kernel")
+    confidence: str = _help("`kernel`: λ = mean similarity (the paper); `radius`: λ = share of the k neighbours within the layer's calibrated radius, and 0 for a token beyond its radius at an earlier MoE layer (needs a memory built with `radius_quantile`; beyond the paper)", default="kernel")
     index: str = _help("`exact` (fp16 keys, exact search: the paper's default), `ivfpq` (the paper's kNN-MoE (IVFPQ): PCA d/8, 8-bit scalar codes, nprobe 32, no re-rank), `ivfpq_rerank` (ours: 32-byte PQ codes, nprobe 8, re-ranked on the fp16 keys), `hnsw`, or a faiss factory string", default="exact")
     nprobe: int | None = _help("IVF lists searched; auto: the index's own (`ivfpq` 32 as the paper, otherwise 8)", default=None, shown="auto")
     verify: bool = _help("check every memory file's sha256 at load", default=True)
@@ -171,9 +171,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "radius_quantile": 0.99, "radius_scale": 2.0, "confidence": "radius",
     },
 }
-# ... and what a preset sets instead when the build names no calibration text: without that cap, twice the
-# quantile admitted in-domain tokens on both toys (in-domain accuracy 0.73 and 0.81, docs/plus.md)
-UNCALIBRATED: dict[str, dict[str, Any]] = {"plus": {"radius_scale": 1.0}}
+# ... and what a preset sets instead when the build names no calibration text: nothing since the layers must agree
+# (mixing.agree_with_earlier), which keeps every toy's in-domain tokens out without the cap (docs/plus.md)
+UNCALIBRATED: dict[str, dict[str, Any]] = {"plus": {}}
 
 
 def default(name: str, preset: str = "paper") -> Any:

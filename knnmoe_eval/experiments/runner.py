@@ -422,7 +422,7 @@ def table(runner: Runner) -> dict:
     notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = "
              f"{default('positions')}; k = {s.k}, similarity = {default('similarity')} (hf-knnmoe's defaults unless set).",
              f"kNN-MoE (plus): preset=plus ({', '.join(f'{k} = {v}' for k, v in PRESETS['plus'].items())}), "
-             f"calibration text: {s.calibration or 'none (radius_scale = 1)'}; docs/plus.md."]
+             f"calibration text: {s.calibration or 'none'}; docs/plus.md."]
     from ..benchmarks.fewshot import QWEN3
 
     encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks

@@ -49,7 +49,8 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 _MARKERS = "ABCDEFGH"
 SHIFT_MARKER = "X"
 _FAMILIES = ("olmoe", "qwen3_moe", "mixtral")
-_LATER_FIELDS = {"family": "olmoe"}
+_LATER_FIELDS = {"family": "olmoe", "shift": "symbol"}
+_SHIFTS = ("symbol", "pair")
 TRAIN_THREADS = 1  # see train(): the toy's weights must not depend on the machine's thread count
 
 
@@ -65,6 +66,9 @@ class ToyConfig:
     n_shift_ref: int = field(default=200, metadata={"help": "shifted-domain reference items (memory build)"})
     n_shift_test: int = field(default=400, metadata={"help": "shifted-domain test items"})
     family: str = field(default="olmoe", metadata={"help": "olmoe | qwen3_moe (norm_topk_prob) | mixtral: the MoE family"})
+    shift: str = field(default="symbol", metadata={
+        "help": "symbol: the shifted domain picks each answer's rule by its symbol | pair: by its symbol and the "
+                "symbol before it (the previous pair's, the query's own for the first pair)"})
     hidden_size: int = 64
     intermediate_size: int = field(default=64, metadata={"help": "per-expert MLP width"})
     n_layers: int = 2
@@ -90,6 +94,8 @@ class ToyConfig:
                 f"n_experts ({self.n_experts}) must split into n_domains ({self.n_domains}) groups of >= top_k"
                 f" ({self.top_k}) experts"
             )
+        if self.shift not in _SHIFTS:
+            raise KnnMoeError(f"shift must be one of {', '.join(_SHIFTS)}, got {self.shift!r}")
         if self.family not in _FAMILIES:
             raise KnnMoeError(f"family must be one of {', '.join(_FAMILIES)}, got {self.family!r}")
         if not 1 <= self.min_pairs <= self.max_pairs:
@@ -108,22 +114,33 @@ class Rules:
     markers: str  # one per training domain
     images: tuple[str, ...]  # images[d][i]: the image of symbols[i] under domain d
     shift_source: tuple[int, ...]  # shift_source[i]: the domain whose rule the shifted domain uses for symbols[i]
+    shift: str = "symbol"  # ToyConfig.shift
 
     def image(self, domain: int, symbol: str) -> str:
         return self.images[domain][self.symbols.index(symbol)]
 
-    def shift_domain(self, symbol: str) -> int:
-        return self.shift_source[self.symbols.index(symbol)]
+    def shift_domain(self, symbol: str, previous: str | None = None) -> int:
+        """The training domain whose rule the shifted domain uses for `symbol` (after `previous`, shift=pair)."""
+        i = self.symbols.index(symbol)
+        if self.shift == "pair":
+            i = (i + self.symbols.index(symbol if previous is None else previous)) % len(self.symbols)
+        return self.shift_source[i]
 
-    def source(self, marker: str, symbol: str) -> int:
-        """The training domain whose rule answers `symbol` after `marker`."""
-        return self.shift_domain(symbol) if marker == SHIFT_MARKER else self.markers.index(marker)
+    def source(self, marker: str, symbol: str, previous: str | None = None) -> int:
+        """The training domain whose rule answers `symbol` after `marker` (and `previous`, the symbol before)."""
+        return self.shift_domain(symbol, previous) if marker == SHIFT_MARKER else self.markers.index(marker)
 
 
 # The generalisation toy of docs/plus.md, fixed before the `preset=plus` recipe was tuned on the README's toy:
 # another seed, twice the layers, a renormalising family (Qwen3-MoE with norm_topk_prob), six training domains
 # (six-way questions, twelve experts) over a larger alphabet.
 SECOND_TOY = ToyConfig(seed=1, family="qwen3_moe", n_layers=4, n_domains=6, n_experts=12, n_symbols=20, steps=800)
+# The third toy (issue 25), fixed before the no-calibration radius was reworked: another family (Mixtral: softmax
+# over the top-k only), another seed, three layers, and a shift of another kind: the shifted domain's rule for an
+# answer depends on two tokens (its symbol and the symbol before it), so a router must read the context, not only
+# the token; six times the references and test items, as the issue's trial had.
+THIRD_TOY = ToyConfig(seed=2, family="mixtral", shift="pair", n_layers=3, n_domains=4, n_experts=8, n_symbols=16,
+                      steps=600, n_shift_ref=1200, n_shift_test=2400, n_indomain_test=1200)
 
 
 def make_rules(config: ToyConfig) -> Rules:
@@ -137,15 +154,17 @@ def make_rules(config: ToyConfig) -> Rules:
             images.append(perm)
     source = [i % config.n_domains for i in range(len(symbols))]
     rng.shuffle(source)
-    return Rules(symbols, _MARKERS[: config.n_domains], tuple(images), tuple(source))
+    return Rules(symbols, _MARKERS[: config.n_domains], tuple(images), tuple(source), config.shift)
 
 
 def _item(rules: Rules, marker: str, queries: list[str]) -> dict:
     """One sequence: the last query is the scored question, the earlier pairs are context that follows the same rule."""
     *given, query = queries
-    context = f"{marker}:" + "".join(f" {q}{rules.image(rules.source(marker, q), q)}" for q in given) + f" {query}"
+    before = [None, *queries[:-1]]  # the symbol before each one (shift=pair)
+    context = f"{marker}:" + "".join(f" {q}{rules.image(rules.source(marker, q, p), q)}"
+                                     for q, p in zip(given, before)) + f" {query}"
     choices = [rules.image(d, query) for d in range(len(rules.markers))]
-    answer = choices[rules.source(marker, query)]
+    answer = choices[rules.source(marker, query, before[-1])]
     return {"context": context, "choices": choices, "gold": choices.index(answer), "answer": answer, "query": query}
 
 
