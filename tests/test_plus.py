@@ -254,7 +254,7 @@ def test_a_token_far_from_the_memory_at_the_first_layer_is_stock_at_every_layer(
     model = make_tiny_model("olmoe")
     sites = find_routers(model)
     assert len(sites) >= 2
-    inputs = torch.tensor([s.tokens for s in sequences(3, length=9, n_cont=1)[:1]])
+    inputs = torch.tensor([s.tokens for s in random_references(3, length=9, n_cont=1)[:1]])
     with torch.no_grad():
         stock = model(inputs).logits
     near = _radius_memory(tmp_path / "near", model, inputs, far_layer=None)
