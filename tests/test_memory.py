@@ -8,6 +8,7 @@ from conftest import router_inputs, signature, write_constant_memory
 from safetensors.torch import save_file
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
+from knnmoe_eval.core import index as knn_index
 from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import MANIFEST_SHA256, manifest_digest, write_memory
 from knnmoe_eval.core.options import KnnMoeOptions, split_model_args
@@ -148,3 +149,23 @@ def test_misspelled_model_arg_is_refused_not_forwarded():
         split_model_args({"memory": "m", "similarty": "rbf"}, passthrough={"pretrained"})
     opts, rest = split_model_args({"memory": "m", "k": "2", "sigma": "auto", "dtype": "float32"}, {"dtype"})
     assert opts.k == 2 and opts.sigma is None and rest == {"dtype": "float32"}
+
+
+def test_the_invalid_index_message_suggests_a_form_the_lm_eval_cli_accepts(mem, model):
+    """Issue 23: it suggested index=IVF64,Flat, which the CLI splits at the comma. The suggested arguments, parsed
+    by lm-eval's own --model_args action, give that factory string, and it is a valid index for this memory."""
+    import argparse
+    import re
+    import shlex
+
+    from lm_eval._cli.utils import MergeDictAction
+
+    with pytest.raises(KnnMoeError) as refused:
+        with attach(model, mem, index="garbage"):
+            pass
+    (suggested,) = re.findall(r"(--model_args pretrained=.*)$", str(refused.value))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_args", nargs="+", action=MergeDictAction)
+    args = parser.parse_args(shlex.split(suggested.replace("...", "M")))
+    assert args.model_args["index"] == "IVF64,Flat"
+    assert knn_index.plan(args.model_args["index"], 64, 10_000).factory == "IVF64,Flat"

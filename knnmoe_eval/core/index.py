@@ -135,7 +135,9 @@ def plan(index: str, d: int, n: int, nprobe: int | None = None) -> IndexPlan:
         why = str(e).splitlines()[0].rpartition(": ")[2]  # faiss prefixes its C++ location
         raise KnnMoeError(
             f"model_arg index={index!r} is neither exact, ivfpq, ivfpq_rerank, hnsw nor a faiss factory string for "
-            f"keys of dimension {d} ({why}); choose one of those or e.g. index=IVF64,Flat"
+            f"keys of dimension {d} ({why}); choose one of those, or a factory string such as IVF64,Flat, which on "
+            f"the lm_eval command line goes in its own JSON --model_args (key=value model_args split on commas): "
+            f"""--model_args pretrained=...,memory=... --model_args '{{"index": "IVF64,Flat"}}'"""
         ) from None
     return IndexPlan(index, nprobe or 8, rerank=index != EXACT)
 

@@ -353,7 +353,14 @@ def read_manifest(path: str | Path) -> dict:
         raise KnnMoeError(f"{out / MANIFEST} is not valid JSON ({e}); the memory is corrupted, rebuild it") from e
     if not isinstance(manifest, dict):
         raise KnnMoeError(f"{out / MANIFEST} is not a JSON object; the memory is corrupted, rebuild it")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if manifest.get("format") == FORMAT and _is_int(version) and version > FORMAT_VERSION:
+        raise KnnMoeError(
+            f"{out} is a {FORMAT} v{version} memory, written by knnmoe-eval "
+            f"{manifest.get('knnmoe_eval_version', '?')}; this knnmoe-eval reads v{FORMAT_VERSION}. Upgrade "
+            "knnmoe-eval (pip install -U knnmoe-eval) to read it; the memory itself is fine."
+        )
+    if manifest.get("format") != FORMAT or version != FORMAT_VERSION:
         raise KnnMoeError(
             f"{out} is not a {FORMAT} v{FORMAT_VERSION} memory (found {manifest.get('format')!r} "
             f"v{manifest.get('format_version')!r}); rebuild it with this version of knnmoe-eval"
