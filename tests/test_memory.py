@@ -169,3 +169,24 @@ def test_the_invalid_index_message_suggests_a_form_the_lm_eval_cli_accepts(mem, 
     args = parser.parse_args(shlex.split(suggested.replace("...", "M")))
     assert args.model_args["index"] == "IVF64,Flat"
     assert knn_index.plan(args.model_args["index"], 64, 10_000).factory == "IVF64,Flat"
+
+
+@pytest.mark.parametrize(("built", "evaluated"), [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float16), (torch.float16, torch.float32)])
+def test_the_same_weights_in_another_dtype_are_the_same_model(tmp_path, built, evaluated, caplog):
+    """Issue 23: an fp32-built memory evaluated with dtype=float16 was refused as 'router weights differ'."""
+    import copy
+
+    base = make_tiny_model("olmoe")
+    source = copy.deepcopy(base).to(built)
+    keys = {l: k.to(torch.float32) for l, k in router_inputs(base, torch.tensor([[5, 6, 7, 8]])).items()}
+    mem = write_constant_memory(tmp_path / "m", source, keys, lambda l, n, e: torch.zeros(n, e))
+    target = copy.deepcopy(base).to(evaluated)
+    if built == torch.float32 and evaluated == torch.float16:  # the case the sha alone refused
+        assert signature(source)["router_fingerprints"] != signature(target)["router_fingerprints"]
+    with caplog.at_level("INFO", logger="knnmoe_eval"):
+        load_memory(mem).check_matches(signature(target))
+    other = make_tiny_model("olmoe", seed=3).to(evaluated)
+    with pytest.raises(KnnMoeError, match="router weights of layers .* differ from this model's"
+                                          + (".*built with router weights in" if built != evaluated else "")):
+        load_memory(mem).check_matches(signature(other))
