@@ -7,6 +7,7 @@ layer and the manifest. Forking keeps the loaded torch: no interpreter start per
 """
 
 import errno
+import json
 import os
 import resource
 import signal
@@ -27,6 +28,14 @@ SEQS = sequences(8)
 LIMIT = 64  # bytes: below any shard or layer file, above nothing we need written after the limit is set
 
 
+def contents(mem):
+    """Every file of a memory by its sha256; the manifest by its content, less its creation time (and with it its
+    own checksum): two builds of the same memory differ in nothing else."""
+    out = {p.name: sha256_file(p) for p in mem.iterdir() if p.name != M.MANIFEST}
+    manifest = json.loads((mem / M.MANIFEST).read_text())
+    return {**out, M.MANIFEST: {k: v for k, v in manifest.items() if k not in ("created", M.MANIFEST_SHA256)}}
+
+
 @pytest.fixture(scope="module")
 def model():
     return make_tiny_model("olmoe")
@@ -39,7 +48,7 @@ def reference(model, tmp_path_factory):
     b = builder(model, root, shard_tokens=1)
     b.run(SEQS, pad_id=0, batch_size=2)
     b.finalize()
-    return {p.name: sha256_file(p) for p in (root / "mem").iterdir()}
+    return contents(root / "mem")
 
 
 def in_child(fn, report=None) -> int:
@@ -126,7 +135,7 @@ def test_a_build_killed_in_each_window_resumes_to_the_same_memory_and_a_clean_di
     resumed = builder(model, tmp_path, shard_tokens=1)  # the kill left no stale lock
     resumed.run(SEQS, pad_id=0, batch_size=2)
     resumed.finalize()
-    assert {p.name: sha256_file(p) for p in mem.iterdir()} == reference  # same bytes, nothing else left
+    assert contents(mem) == reference  # same bytes, nothing else left
     assert "resuming" in caplog.text
     load_memory(mem)
 
@@ -143,7 +152,7 @@ def test_a_full_disk_says_so_and_that_the_same_command_resumes(model, reference,
     resumed = builder(model, tmp_path, shard_tokens=1)
     resumed.run(SEQS, pad_id=0, batch_size=2)
     resumed.finalize()
-    assert {p.name: sha256_file(p) for p in (tmp_path / "mem").iterdir()} == reference
+    assert contents(tmp_path / "mem") == reference
 
 
 def test_ctrl_c_says_that_the_same_command_resumes(model, tmp_path, monkeypatch, caplog):
