@@ -38,7 +38,12 @@ def contents(mem):
 
 @pytest.fixture(scope="module")
 def model():
-    return make_tiny_model("olmoe")
+    # one thread here and in the forked children (a fork must not use OpenMP's pool), so that the shards written
+    # before a kill and those written by the resume are the bytes one uninterrupted build writes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield make_tiny_model("olmoe")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
