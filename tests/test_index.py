@@ -134,12 +134,14 @@ def test_a_swapped_index_with_a_matching_sidecar_is_refused_and_retrained(tmp_pa
     assert same_search(mine, used, keys)
 
 
-def test_corrupted_index_files_with_matching_sidecars_never_surface_a_faiss_error(tmp_path, caplog):
+def test_corrupted_index_files_with_matching_sidecars_never_surface_a_faiss_error(tmp_path):
     """30 seeded corruptions (bit flips, zeroed runs, truncations), each with its sidecar updated: every one is
-    refused and retrained, or a harmless flip that still is this memory's index; no raw faiss RuntimeError."""
+    refused for a reason (which load_or_build turns into retraining, above), or a harmless flip that still is this
+    memory's index; none surfaces faiss's raw RuntimeError (issue 23: 12 of 30 did)."""
     keys = clustered(2000, 64)
     factory = knn_index.plan("ivfpq_rerank", 64, 2000).factory
-    first = knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+    spec = knn_index.index_spec(factory, False, "sha")
+    knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
     path, sidecar = saved(tmp_path)
     good = path.read_bytes()
     rng = np.random.default_rng(0)
@@ -155,15 +157,11 @@ def test_corrupted_index_files_with_matching_sidecars_never_surface_a_faiss_erro
             data = data[:at]
         path.write_bytes(bytes(data))
         forge_sidecar(path, sidecar)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="knnmoe_eval.core.index"):
-            idx = knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
-        refused += "was not used" in caplog.text
-        assert idx.ntotal == 2000
-        path.write_bytes(good)
-        forge_sidecar(path, sidecar)
+        try:
+            assert knn_index.read_saved_index(path, spec, keys).ntotal == 2000
+        except knn_index.RefusedIndex:
+            refused += 1
     assert refused >= 10
-    assert same_search(first, knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha"), keys)
 
 
 @pytest.mark.parametrize("name", ["ivfpq", "ivfpq_rerank", "hnsw"])
