@@ -49,8 +49,7 @@ def write_partial_build(out: Path, args) -> None:
     from knnmoe_eval.core.build import BUILD_STATE
     from knnmoe_eval.core.files import save_tensors_atomic, write_json_atomic
 
-    b = builder(out, args)
-    out.mkdir(parents=True)
+    b = builder(out, args)  # it owns `out` (creates it, takes its lock) until release below
     write_json_atomic(out / BUILD_STATE, b._state())
     (out / "shards").mkdir()
     per_request = 100
@@ -69,6 +68,7 @@ def write_partial_build(out: Path, args) -> None:
         meta = {"rids": chunk, "loglik": [(0.0, False)] * len(chunk), "counts": [per_request] * len(chunk)}
         save_tensors_atomic(out / "shards" / f"shard_000_{no:06d}.safetensors", tensors,
                             metadata={"build": json.dumps(meta)})
+    b.release()  # finalize runs in a fresh process
 
 
 def _status_kb(field: str) -> int:

@@ -123,6 +123,7 @@ def test_bad_build_input(tmp_path):
     # a partial build of another model in the same directory
     b = builder(model, tmp_path / "x", shard_tokens=1)
     b.run(random_references(2), pad_id=0, batch_size=2)
+    b.release()  # as a build process that ended (a live one would refuse them all: test_two_builds...)
     with pytest.raises(KnnMoeError, match="partial build for another model"):
         builder(make_tiny_model("olmoe", seed=3), tmp_path / "x")
     with pytest.raises(KnnMoeError, match="partial build with other settings"):

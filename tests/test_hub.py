@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TASKS, router_inputs, write_constant_memory
 
 from knnmoe_eval import KnnMoeError, attach
 from knnmoe_eval.core.card import CARD, render_card
 from knnmoe_eval.core.hub import push_memory, push_operations, resolve_memory, split_hub_id
 from knnmoe_eval.core.memory import MANIFEST, MANIFEST_SHA256
-from knnmoe_eval.testing import make_tiny_model
+from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
+
+TASKS = str(Path(__file__).parent / "fixtures" / "tasks")  # the tinyqa fixture tasks
 
 IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 QUERY = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(1))

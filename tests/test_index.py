@@ -1,5 +1,6 @@
 """Indexes: exact stays the paper's bit-identical default; ivfpq/hnsw are saved, checksummed, reloaded and agree."""
 
+import json
 import logging
 
 import faiss
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from knnmoe_eval import attach
 from knnmoe_eval.core import index as knn_index
+from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.options import KnnMoeOptions
 from knnmoe_eval.errors import KnnMoeError
 from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
@@ -77,16 +79,88 @@ def test_trained_index_round_trips_through_the_memory_directory(tmp_path, name, 
     assert knn_index.index_path(tmp_path, 3, knn_index.index_spec(factory, False, "other")) != saved[0]
 
 
-def test_corrupted_index_file_is_refused(tmp_path):
+def saved(tmp_path, layer=0):
+    (path,) = (tmp_path / "index").glob(f"layer_{layer:03d}.*.faiss")
+    return path, path.with_name(path.name + ".json")
+
+
+def forge_sidecar(path, sidecar):
+    """What a swap needs to get past the checksum: the sidecar's sha256 updated to the swapped-in file."""
+    meta = json.loads(sidecar.read_text())
+    meta["sha256"] = sha256_file(path)
+    sidecar.write_text(json.dumps(meta))
+
+
+def same_search(a, b, keys):
+    queries = keys[:100].float().numpy()
+    return all(np.array_equal(x, y) for x, y in zip(knn_index.search(a, queries, 4), knn_index.search(b, queries, 4)))
+
+
+def test_a_corrupted_index_file_is_refused_and_retrained_never_used(tmp_path, caplog):
     keys = clustered(2000, 64)
     factory = knn_index.plan("ivfpq_rerank", 64, 2000).factory
-    knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
-    (path,) = (tmp_path / "index").glob("*.faiss")
+    first = knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+    path, _ = saved(tmp_path)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(KnnMoeError, match="corrupted"):
-        knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+    with caplog.at_level(logging.WARNING, logger="knnmoe_eval.core.index"):
+        again = knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+    assert "truncated or corrupted" in caplog.text and "Retraining it in its place" in caplog.text
+    assert same_search(first, again, keys)
+    assert knn_index.read_saved_index(path, knn_index.index_spec(factory, False, "sha"), keys) is not None  # rewritten
+
+
+@pytest.mark.parametrize(("swap", "why"), [("other keys", "made from other keys"), ("other factory", "is not a")])
+def test_a_swapped_index_with_a_matching_sidecar_is_refused_and_retrained(tmp_path, caplog, swap, why):
+    """Issue 23: another memory's ivfpq index under this one's name, its sidecar's checksum updated, loaded
+    silently and moved the outputs. Now it is refused for what it is, and this memory's own index is trained."""
+    keys = clustered(2000, 64)
+    factory = knn_index.plan("ivfpq", 64, 2000).factory
+    mine = knn_index.load_or_build(keys, factory, 8, False, tmp_path / "a", 0, "sha-a")
+    if swap == "other keys":
+        other = knn_index.load_or_build(clustered(2000, 64, seed=5), factory, 8, False, tmp_path / "b", 0, "sha-b")
+    else:
+        other = knn_index.load_or_build(keys, knn_index.plan("hnsw", 64, 2000).factory, 8, False, tmp_path / "b", 0,
+                                        "sha-a")
+    assert not same_search(mine, other, keys)
+    path, sidecar = saved(tmp_path / "a")
+    path.write_bytes(saved(tmp_path / "b")[0].read_bytes())
+    forge_sidecar(path, sidecar)
+    with caplog.at_level(logging.WARNING, logger="knnmoe_eval.core.index"):
+        used = knn_index.load_or_build(keys, factory, 8, False, tmp_path / "a", 0, "sha-a")
+    assert why in caplog.text and "was not used" in caplog.text
+    assert same_search(mine, used, keys)
+
+
+def test_corrupted_index_files_with_matching_sidecars_never_surface_a_faiss_error(tmp_path):
+    """30 seeded corruptions (bit flips, zeroed runs, truncations), each with its sidecar updated: every one is
+    refused for a reason (which load_or_build turns into retraining, above), or a harmless flip that still is this
+    memory's index; none surfaces faiss's raw RuntimeError (issue 23: 12 of 30 did)."""
+    keys = clustered(2000, 64)
+    factory = knn_index.plan("ivfpq_rerank", 64, 2000).factory
+    spec = knn_index.index_spec(factory, False, "sha")
+    knn_index.load_or_build(keys, factory, 8, False, tmp_path, 0, "sha")
+    path, sidecar = saved(tmp_path)
+    good = path.read_bytes()
+    rng = np.random.default_rng(0)
+    refused = 0
+    for trial in range(30):
+        data = bytearray(good)
+        at = int(rng.integers(0, len(data)))
+        if trial % 3 == 0:
+            data[at] ^= 1 << int(rng.integers(0, 8))
+        elif trial % 3 == 1:
+            data[at : at + 64] = bytes(len(data[at : at + 64]))
+        else:
+            data = data[:at]
+        path.write_bytes(bytes(data))
+        forge_sidecar(path, sidecar)
+        try:
+            assert knn_index.read_saved_index(path, spec, keys).ntotal == 2000
+        except knn_index.RefusedIndex:
+            refused += 1
+    assert refused >= 10
 
 
 @pytest.mark.parametrize("name", ["ivfpq", "ivfpq_rerank", "hnsw"])

@@ -176,6 +176,30 @@ def test_left_padded_generation_searches_only_real_tokens_and_equals_unpadded(ol
     for layer, d in diag.items():
         assert d["tokens"] == real == sum(a[layer]["tokens"] for _, a in alone)
 
+def test_right_padded_loglikelihood_batches_search_and_count_only_real_tokens(olmoe_dir, tmp_path):
+    """Issue 23: diagnostics counted padding (more tokens at batch size 4 than at 1 for the same documents).
+    hf right-pads loglikelihood batches with zeros and no mask; the padding must never be searched nor counted."""
+    from transformers import AutoModelForCausalLM
+
+    from knnmoe_eval.harness.lm import KnnMoeLM
+
+    model = AutoModelForCausalLM.from_pretrained(olmoe_dir)
+    seqs = [torch.randint(4, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (12, 5, 9, 3)]
+    mem = write_constant_memory(tmp_path / "mem", model, router_inputs(model, torch.tensor([seqs[0]])),
+                                lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10)
+    requests = [((f"doc {i}", ""), s[:-2], s[-2:]) for i, s in enumerate(seqs)]
+    runs = {}
+    for batch_size in (1, 4):
+        lm = KnnMoeLM(pretrained=olmoe_dir, memory=str(mem), device="cpu", batch_size=batch_size)
+        runs[batch_size] = lm._loglikelihood_tokens(requests), lm.retriever.diagnostics()
+    real = sum(len(s) - 1 for s in seqs)  # each request's input: its tokens but the last
+    for layer, d in runs[4][1].items():
+        assert d["tokens"] == runs[1][1][layer]["tokens"] == real
+        assert d["mean_lambda"] > 0 and d["mean_lambda"] == pytest.approx(runs[1][1][layer]["mean_lambda"], rel=1e-5)
+    for (a, greedy_a), (b, greedy_b) in zip(runs[1][0], runs[4][0]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and greedy_a == greedy_b
+
+
 @pytest.mark.e2e
 @pytest.mark.equivalence
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
+from knnmoe_eval.core import index as knn_index
 from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import MANIFEST_SHA256, manifest_digest, write_memory
 from knnmoe_eval.core.options import KnnMoeOptions, split_model_args
@@ -147,3 +148,44 @@ def test_misspelled_model_arg_is_refused_not_forwarded():
         split_model_args({"memory": "m", "similarty": "rbf"}, passthrough={"pretrained"})
     opts, rest = split_model_args({"memory": "m", "k": "2", "sigma": "auto", "dtype": "float32"}, {"dtype"})
     assert opts.k == 2 and opts.sigma is None and rest == {"dtype": "float32"}
+
+
+def test_the_invalid_index_message_suggests_a_form_the_lm_eval_cli_accepts(mem, model):
+    """Issue 23: it suggested index=IVF64,Flat, which the CLI splits at the comma. The suggested arguments, parsed
+    by lm-eval's own --model_args action, give that factory string, and it is a valid index for this memory."""
+    import argparse
+    import re
+    import shlex
+
+    from lm_eval._cli.utils import MergeDictAction
+
+    with pytest.raises(KnnMoeError) as refused:
+        with attach(model, mem, index="garbage"):
+            pass
+    (suggested,) = re.findall(r"(--model_args pretrained=.*)$", str(refused.value))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model_args", nargs="+", action=MergeDictAction)
+    args = parser.parse_args(shlex.split(suggested.replace("...", "M")))
+    assert args.model_args["index"] == "IVF64,Flat"
+    assert knn_index.plan(args.model_args["index"], 64, 10_000).factory == "IVF64,Flat"
+
+
+@pytest.mark.parametrize(("built", "evaluated"), [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float16), (torch.float16, torch.float32)])
+def test_the_same_weights_in_another_dtype_are_the_same_model(tmp_path, built, evaluated, caplog):
+    """Issue 23: an fp32-built memory evaluated with dtype=float16 was refused as 'router weights differ'."""
+    import copy
+
+    base = make_tiny_model("olmoe")
+    source = copy.deepcopy(base).to(built)
+    keys = {l: k.to(torch.float32) for l, k in router_inputs(base, torch.tensor([[5, 6, 7, 8]])).items()}
+    mem = write_constant_memory(tmp_path / "m", source, keys, lambda l, n, e: torch.zeros(n, e))
+    target = copy.deepcopy(base).to(evaluated)
+    if built == torch.float32 and evaluated == torch.float16:  # the case the sha alone refused
+        assert signature(source)["router_fingerprints"] != signature(target)["router_fingerprints"]
+    with caplog.at_level("INFO", logger="knnmoe_eval"):
+        load_memory(mem).check_matches(signature(target))
+    other = make_tiny_model("olmoe", seed=3).to(evaluated)
+    with pytest.raises(KnnMoeError, match="router weights of layers .* differ from this model's"
+                                          + (".*built with router weights in" if built != evaluated else "")):
+        load_memory(mem).check_matches(signature(other))

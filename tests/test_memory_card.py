@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import router_inputs, write_constant_memory
+from test_build import builder
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
 from knnmoe_eval.core import memory as memory_module
 from knnmoe_eval.core.card import CARD, render_card
 from knnmoe_eval.core.memory import MANIFEST, MANIFEST_SHA256, manifest_digest
-from knnmoe_eval.testing import make_tiny_model
-from test_build import builder, sequences
+from knnmoe_eval.testing import make_tiny_model, random_references, router_inputs, write_constant_memory
 
 IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 
@@ -36,7 +35,7 @@ def card_data(text: str) -> dict:
 
 def test_a_built_memory_carries_a_card_the_hub_parses(tmp_path, model):
     b = builder(model, tmp_path, eta=3.0)
-    b.run(sequences(6), pad_id=0, batch_size=3)
+    b.run(random_references(6), pad_id=0, batch_size=3)
     b.finalize()
     out = tmp_path / "mem"
     manifest = json.loads((out / MANIFEST).read_text())
@@ -86,7 +85,7 @@ def test_the_card_does_not_depend_on_when_or_in_which_key_order_the_manifest_was
 
 def test_a_build_interrupted_between_its_card_and_its_manifest_resumes_to_the_same_bytes(tmp_path, model,
                                                                                           monkeypatch):
-    seqs = sequences(6)
+    seqs = random_references(6)
     whole = builder(model, tmp_path / "a", shard_tokens=1)
     whole.run(seqs, pad_id=0, batch_size=2)
     whole.finalize()

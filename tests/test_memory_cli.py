@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import router_inputs, write_constant_memory
+from test_hub import pushed, write_hub_cache
 
 from knnmoe_eval import attach
 from knnmoe_eval.core.hub import push_operations
 from knnmoe_eval.core.memory import MANIFEST
 from knnmoe_eval.memory_cli import main
-from knnmoe_eval.testing import make_tiny_model
-from test_hub import pushed, write_hub_cache
+from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
 
 IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 QUERY = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(1))

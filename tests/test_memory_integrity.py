@@ -122,6 +122,16 @@ def test_a_memory_of_another_format_version_says_rebuild(setup, tmp_path):
         load_memory(mem)
 
 
+def test_a_memory_of_a_newer_format_version_says_upgrade_knnmoe_eval(setup, tmp_path):
+    _, files, _ = setup
+    manifest = json.loads(files[MANIFEST])
+    manifest["format_version"], manifest["knnmoe_eval_version"] = 3, "9.0"
+    mem = materialize(tmp_path / "m", {**files, MANIFEST: encode(reseal(manifest))})
+    with pytest.raises(KnnMoeError, match=r"v3 memory, written by knnmoe-eval 9.0; this knnmoe-eval reads v2\. "
+                                          r"Upgrade knnmoe-eval \(pip install -U knnmoe-eval\)"):
+        load_memory(mem)
+
+
 def test_a_dropped_router_fingerprint_is_refused_not_skipped(setup, tmp_path):
     _, files, _ = setup
     manifest = json.loads(files[MANIFEST])

@@ -81,3 +81,15 @@ def test_lm_eval_cli_runs_knnmoe_test_with_hf_offline(tmp_path):
             for f in results_file.parent.glob(f"samples_knnmoe_{b}_2*.jsonl") for line in f.read_text().splitlines()]
     assert len(accs) == 2 * (len(B.SPLITS) - 1)
     assert results["results"]["knnmoe_test"]["acc,none"] == pytest.approx(sum(accs) / len(accs))
+
+
+@pytest.mark.parametrize("task", ["knnmoe_medmcqa_5shot"])  # the build task (_ref) was refused already
+def test_an_empty_reference_split_is_refused_by_us_before_lm_eval_or_datasets_fail(tmp_path, task):
+    import shutil
+
+    from knnmoe_eval.errors import KnnMoeError
+
+    shutil.copytree(DATA / "medmcqa", tmp_path / "medmcqa")
+    (tmp_path / "medmcqa" / "train.jsonl").write_text("")  # medmcqa's reference split
+    with pytest.raises(KnnMoeError, match=r"medmcqa: the reference set is empty.*train\.jsonl"):
+        evaluate("dummy", [task], data_dir=str(tmp_path))

@@ -210,9 +210,16 @@ def load(benchmark: str, part: str, data_dir=None, ref_size=None, split_seed=SEE
         with_reference=part != "test",
     )
     docs = {"test": [dict(d, role="test") for d in test], "reference": [dict(d, role="reference") for d in reference]}
+    spec = SPLITS[benchmark]
+    for name, needed in (("test", part in ("test", "pool")), ("reference", part in ("reference", "pool"))):
+        if needed and not docs[name]:  # refused here, before lm-eval's samplers or datasets trip over it
+            files = spec.test if name == "test" else (spec.reference or spec.test)
+            where = (f"check {', '.join(str(local_path(data_dir, benchmark, f)) for f in files)}" if data_dir
+                     else f"check the {spec.hub_id} download")
+            why = {"pool": ", and the 5-shot prompts draw their examples from it",
+                   "reference": ": a memory is built from it"}.get(part, "") if name == "reference" else ""
+            raise KnnMoeError(f"{benchmark}: the {name} set is empty{why}; {where}")
     rows = docs["test"] + docs["reference"] if part == "pool" else docs[part]
-    if not rows:
-        raise KnnMoeError(f"{benchmark}: the {part} set is empty; check the files under data_dir")
     return datasets.DatasetDict({part: datasets.Dataset.from_list(rows)})
 
 

@@ -15,21 +15,23 @@ the build nor the merge ever holds more than one shard's worth of keys.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
+import re
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from ..errors import KnnMoeError
-from .files import save_tensors_atomic, sha256_file, write_json_atomic
+from .files import DirectoryLock, is_leftover, remove_leftovers, save_tensors_atomic, sha256_file, write_json_atomic
 from .gradient import optimise_logits
 from .hooks import hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
 BUILD_STATE = "build.json"
 RADIUS_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
+LOCK = ".build{}.lock"  # one per rank (rank 0: ".build.lock"), held for the whole build
 CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
 
 
@@ -78,18 +81,40 @@ class MemoryBuilder:
         self.far: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
         self.wall_s: float | None = None  # the last build's wall time, the cost the paper sets against SFT training
         self.calibration_s = 0.0  # reading the calibration text, counted in wall_s
+        self.lock = DirectoryLock(self.out / LOCK.format("" if rank == 0 else f".rank{rank:03d}"), str(self.out))
         self._check_out_dir()
 
     # -- resumable state -------------------------------------------------------------------------------------
     def _state(self) -> dict:
         return {"model": self.signature, "build": build_settings(self.opts)}
 
-    def _check_out_dir(self) -> None:
+    def _refuse_complete(self) -> None:
         if (self.out / MANIFEST).exists():
             raise KnnMoeError(
                 f"{self.out} already holds a complete memory; build into a new directory (or delete this one)"
             )
+
+    def _check_out_dir(self) -> None:
+        """Own the directory (its lock) and check that it is new, or a partial build of this model and settings."""
+        self._refuse_complete()
         state_file = self.out / BUILD_STATE
+        if not state_file.exists() and self.out.exists():
+            foreign = [p.name for p in self.out.iterdir() if not (p.name.startswith(".build") or is_leftover(p.name))]
+            if foreign:
+                raise KnnMoeError(f"{self.out} exists and is not a kNN-MoE build directory; choose an empty or new one")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except OSError as e:
+            raise KnnMoeError(_write_failure(self.out, e, "could not start the build")) from e
+        try:
+            self._check_state(state_file)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _check_state(self, state_file: Path) -> None:
+        self._refuse_complete()  # again, under the lock: a build that finished while we waited for it
         if state_file.exists():
             old = json.loads(state_file.read_text())
             if old["model"] != self.signature:
@@ -102,8 +127,19 @@ class MemoryBuilder:
                     f"{self.out} holds a partial build with other settings {old['build']}; resume it with those "
                     "settings, or use another directory"
                 )
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise KnnMoeError(f"{self.out} exists and is not a kNN-MoE build directory; choose an empty or new one")
+            if self.rank == 0:
+                # a killed build's temporary files: ours (`*.tmp<pid>`) and safetensors' (`shards/.tmpXXXXXX`);
+                # the shards of other ranks are only swept once they are done (finalize)
+                removed = remove_leftovers(self.out)
+                if self.world_size == 1:
+                    removed += remove_leftovers(self.shard_dir)
+                if removed:
+                    log.info("resuming build in %s: removed %d temporary files of the interrupted run (%s)",
+                             self.out, len(removed), ", ".join(removed[:4]) + (" ..." if len(removed) > 4 else ""))
+
+    def release(self) -> None:
+        """Give up the directory (the build is over or abandoned); a later build may take it and resume."""
+        self.lock.release()
 
     def _finished_shards(self) -> list[Path]:
         return sorted(self.shard_dir.glob("shard_*.safetensors")) if self.shard_dir.exists() else []
@@ -158,6 +194,28 @@ class MemoryBuilder:
 
     def run(self, sequences: list[RefSequence], pad_id: int, batch_size: int) -> dict[RequestId, tuple[float, bool]]:
         """Build (or resume) this rank's shards from `sequences`; returns the stock loglikelihood of each."""
+        with self._stopping("the build"):
+            return self._run(sequences, pad_id, batch_size)
+
+    @contextmanager
+    def _stopping(self, what: str) -> Iterator[None]:
+        """A build that stops (Ctrl-C, a full disk, a read-only target, any error) says so and that the same
+        command resumes it, and gives up the directory's lock."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.release()
+            log.error("%s into %s was interrupted; the shards written so far are kept: rerun the same command to "
+                      "resume it", what, self.out)
+            raise
+        except (OSError, SafetensorError) as e:
+            self.release()
+            raise KnnMoeError(_write_failure(self.out, e, f"{what} stopped")) from e
+        except BaseException:
+            self.release()
+            raise
+
+    def _run(self, sequences: list[RefSequence], pad_id: int, batch_size: int) -> dict[RequestId, tuple[float, bool]]:
         if not sequences:
             raise KnnMoeError("the build task produced no requests: its reference split is empty")
         for p in self.model.parameters():
@@ -174,7 +232,8 @@ class MemoryBuilder:
             results.update({tuple(r): tuple(ll) for r, ll in zip(meta["rids"], meta["loglik"])})
         todo = [s for s in sequences if s.rid not in results]
         if results:
-            log.info("resuming build in %s: %d of %d requests already done", self.out, len(results), len(sequences))
+            log.info("resuming build in %s: %d of %d requests already done (%d shards), %d to go", self.out,
+                     len(results), len(sequences), len(mine), len(todo))
         todo.sort(key=lambda s: -len(s.tokens))  # similar lengths share a batch: less padding
         shard, seq_no, tokens, start = _Shard(), len(mine), 0, time.perf_counter()
         self.loss_curve = [0.0] * self.opts.steps  # summed reference NLL before each step, over this run's batches
@@ -207,6 +266,7 @@ class MemoryBuilder:
             self.finalize()
         if barrier is not None:
             barrier()
+        self.lock.release(remove=True)
         self.wall_s = time.perf_counter() - start + self.calibration_s
         log.info("kNN-MoE build: %d sequences in %.1f s", len(sequences), self.wall_s)
         return results
@@ -250,6 +310,18 @@ class MemoryBuilder:
 
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
+        if self.lock.fd is None:  # the build gave up its directory (it stopped); merging needs it again
+            self._check_out_dir()
+        with self._stopping("the merge of the build's shards"):
+            return self._finalize()
+
+    def _finalize(self) -> Path:
+        removed = remove_leftovers(self.shard_dir) + remove_leftovers(self.out)  # every rank is done writing
+        if removed:
+            log.info("removed %d temporary files of an interrupted run from %s", len(removed), self.out)
+        if any(self.out.glob("layer_*.safetensors")):
+            log.info("resuming the merge in %s: every request is in the shards, the memory's files are rewritten",
+                     self.out)
         where: dict[RequestId, tuple[Path, int, int]] = {}  # request -> (shard, first row, rows)
         for path in self._finished_shards():
             meta = self._read_meta(path)
@@ -287,10 +359,29 @@ class MemoryBuilder:
                                   build=settings, radius=radius)
         for path in self._finished_shards():
             path.unlink()
+        remove_leftovers(self.shard_dir)
         self.shard_dir.rmdir()
         (self.out / BUILD_STATE).unlink()
+        remove_leftovers(self.out)
+        self.lock.release(remove=True)  # other ranks remove their own (build)
         log.info("kNN-MoE memory written to %s: %d requests, %d keys per layer", self.out, len(order), n)
         return self.out
+
+
+def _write_failure(out: Path, e: BaseException, what: str) -> str:
+    """What stopped a build's write, in words, and that the same command resumes it."""
+    code = getattr(e, "errno", None)
+    if code is None:  # safetensors' SafetensorError carries the OS error only in its text: "(os error 28)"
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "the disk is full (or a quota or file-size limit was reached)"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the directory is not writable (read-only file system or permissions)"
+    else:
+        why = "a file could not be written"
+    return (f"{what} in {out}: {why} ({e}). Nothing written so far is lost or half-kept: free space or fix the "
+            "directory, then rerun the same command to resume the build.")
 
 
 def pad_batch(seqs: list[RefSequence], pad_id: int, device) -> tuple[torch.Tensor, ...]:

@@ -20,9 +20,14 @@ indexes hand retrieval true squared distances, so similarities, sigma=auto and m
 (`index_nn_sq_dist`).
 
 Indexes that need training are saved next to the memory as `index/layer_XXX.<spec hash>.faiss` with a JSON
-sidecar holding the file's sha256, written last; the checksum is verified before faiss reads the file, and a
-mismatch is refused. A faiss index file is plain data (faiss has no code-carrying serialization), so loading one
-cannot run code.
+sidecar, written last, holding the file's sha256 and what the index was made from: the layer file's sha256 (the
+memory's keys, under the manifest's checksums), the factory string, normalization and the training settings. A
+saved index is used only when all of that matches and the index itself agrees with the memory: as many keys, of
+the memory's dimension, the factory's structure, and a seeded sample of the layer's own keys finding themselves
+in it (an index trained on other keys, with its sidecar edited to match, fails that). Anything else (another
+memory's index, a corrupted or truncated file, one faiss cannot read) is refused with a warning saying why and
+retrained in its place, never used. A faiss index file is plain data (faiss has no code-carrying
+serialization), so loading one cannot run code.
 
 Training runs on a seeded sample and keys are converted and added in chunks, so a layer never needs a float32
 copy of all its keys; with the memory's memory-mapped keys, an approximate index is built without the layer's
@@ -52,11 +57,12 @@ log = logging.getLogger(__name__)
 
 EXACT = "SQfp16"
 INDEX_DIR = "index"
-SIDECAR_FORMAT = 1
+SIDECAR_FORMAT = 2  # 2: the training settings are part of the spec, and the index is checked against the keys
 _CHUNK = 65_536  # keys converted to float32 and added per call
 _TRAIN_MIN = 32_768  # PCA and PQ want many more points than the IVF centroids alone
 _POINTS_PER_CENTROID = 39  # below this faiss's k-means warns that it has too few points
 _NN_SAMPLE = 2048  # keys searched for ivfpq's sigma statistic, as many as memory.py samples for the true one
+_SELF_SAMPLE, _SELF_K, _SELF_FOUND = 64, 16, 0.5  # a saved index's own keys must find themselves in it
 # re-ranked indexes return this many times k candidates, re-ranked by their true distance to the query: PQ
 # codes alone place the true nearest key first only ~1/5 of the time at d = 2048 (see docs/retrieval.md)
 RERANK = 8
@@ -128,7 +134,9 @@ def plan(index: str, d: int, n: int, nprobe: int | None = None) -> IndexPlan:
         why = str(e).splitlines()[0].rpartition(": ")[2]  # faiss prefixes its C++ location
         raise KnnMoeError(
             f"model_arg index={index!r} is neither exact, ivfpq, ivfpq_rerank, hnsw nor a faiss factory string for "
-            f"keys of dimension {d} ({why}); choose one of those or e.g. index=IVF64,Flat"
+            f"keys of dimension {d} ({why}); choose one of those, or a factory string such as IVF64,Flat, which on "
+            f"the lm_eval command line goes in its own JSON --model_args (key=value model_args split on commas): "
+            f"""--model_args pretrained=...,memory=... --model_args '{{"index": "IVF64,Flat"}}'"""
         ) from None
     return IndexPlan(index, nprobe or 8, rerank=index != EXACT)
 
@@ -245,11 +253,13 @@ def check_exact_fits(memory: str, exact_bytes: int) -> None:
 
 
 def index_spec(factory: str, normalize: bool, keys_sha256: str) -> dict:
-    """What a saved index depends on: the keys (by their file's checksum), the factory string, normalization."""
+    """What a saved index depends on: the keys (by their file's checksum), the factory string, normalization,
+    how it was trained (the sample's seed and least size), faiss's version."""
     import faiss
 
     return {"format": SIDECAR_FORMAT, "factory": factory, "normalize": normalize, "keys_sha256": keys_sha256,
-            "faiss_version": faiss.__version__}
+            "faiss_version": faiss.__version__,
+            "training": {"seed": 0, "min_points": _TRAIN_MIN, "points_per_centroid": _POINTS_PER_CENTROID}}
 
 
 def index_path(memory_dir: str | Path, layer: int, spec: dict) -> Path:
@@ -257,8 +267,52 @@ def index_path(memory_dir: str | Path, layer: int, spec: dict) -> Path:
     return Path(memory_dir) / INDEX_DIR / f"layer_{layer:03d}.{digest}.faiss"
 
 
-def read_saved_index(path: Path, spec: dict):
-    """The index saved at `path` for `spec`, or None if none was saved (or its save never finished)."""
+class RefusedIndex(Exception):
+    """A saved index that is not the one its memory needs: the reason, for the warning before retraining."""
+
+
+def _structure(idx) -> list:
+    """The index's kind as the factory makes it: types, dimensions, lists and code sizes through its chain."""
+    import faiss
+
+    # a new name: the argument may be the only reference to an owning proxy, freeing the C++ index with it
+    down = faiss.downcast_index(idx)
+    out = [type(down).__name__, int(down.d)]
+    if isinstance(down, faiss.IndexPreTransform):
+        for i in range(down.chain.size()):
+            vt = faiss.downcast_VectorTransform(down.chain.at(i))
+            out += [type(vt).__name__, int(vt.d_in), int(vt.d_out)]
+        return out + _structure(down.index)
+    ivf = faiss.try_extract_index_ivf(down)
+    if ivf is not None:
+        out += [int(ivf.nlist), int(ivf.code_size)]
+    return out
+
+
+def check_index_matches(idx, keys: torch.Tensor, spec: dict, nprobe: int) -> None:
+    """Raise RefusedIndex unless `idx` is an index of `keys` made by spec's factory (see the module docstring)."""
+    import faiss
+
+    n, d = keys.shape
+    if idx.ntotal != n or idx.d != d:
+        raise RefusedIndex(f"it holds {idx.ntotal} keys of dimension {idx.d}, the layer {n} of dimension {d}")
+    fresh = faiss.index_factory(d, spec["factory"], faiss.METRIC_L2)
+    if _structure(idx) != _structure(fresh):
+        raise RefusedIndex(f"it is not a {spec['factory']} index ({_structure(idx)})")
+    if not idx.is_trained:
+        raise RefusedIndex("it is not trained")
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, _SELF_SAMPLE), replace=False))
+    set_search_params(idx, nprobe)
+    _, ids = search(idx, _float32(keys[torch.from_numpy(rows)], spec["normalize"]), min(n, _SELF_K))
+    found = float((ids == rows[:, None]).any(1).mean())
+    if found < _SELF_FOUND:
+        raise RefusedIndex(f"only {found:.0%} of a sample of the layer's own keys find themselves in it: it was "
+                           "made from other keys")
+
+
+def read_saved_index(path: Path, spec: dict, keys: torch.Tensor | None = None, nprobe: int = 8):
+    """The index saved at `path` for `spec` (and, given `keys`, checked against them), or None if none was saved
+    (or its save never finished). Raises RefusedIndex, naming why, for any other index."""
     import faiss
 
     sidecar = path.with_name(path.name + ".json")
@@ -266,16 +320,20 @@ def read_saved_index(path: Path, spec: dict):
         return None
     try:
         meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
-        raise KnnMoeError(f"{sidecar} is not valid JSON ({e}); delete it and {path} to rebuild the index") from e
-    if meta.get("spec") != spec:
-        raise KnnMoeError(f"{sidecar} describes another index ({meta.get('spec')}); delete it and {path} to rebuild")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefusedIndex(f"{sidecar.name} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("spec") != spec:
+        found = meta.get("spec") if isinstance(meta, dict) else meta
+        raise RefusedIndex(f"{sidecar.name} describes another index ({found})")
     if sha256_file(path) != meta.get("sha256"):
-        raise KnnMoeError(
-            f"{path} is truncated or corrupted (sha256 differs from {sidecar.name}); it was not loaded. "
-            "Delete it and its sidecar to rebuild the index."
-        )
-    return faiss.read_index(str(path))
+        raise RefusedIndex(f"{path.name} is truncated or corrupted (its sha256 differs from {sidecar.name})")
+    try:
+        idx = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as e:  # faiss's own errors on a file it cannot parse
+        raise RefusedIndex(f"faiss cannot read {path.name} ({str(e).splitlines()[0][:200]})") from None
+    if keys is not None:
+        check_index_matches(idx, keys, spec, nprobe)
+    return idx
 
 
 def save_index(idx, path: Path, spec: dict) -> None:
@@ -295,7 +353,12 @@ def load_or_build(keys: torch.Tensor, factory: str, nprobe: int, normalize: bool
         return build_index(keys, factory, nprobe, normalize)
     spec = index_spec(factory, normalize, keys_sha256)
     path = index_path(memory_dir, layer, spec)
-    idx = read_saved_index(path, spec)
+    try:
+        idx = read_saved_index(path, spec, keys, nprobe)
+    except RefusedIndex as why:
+        log.warning("the saved index %s is not this memory's layer %d %s index and was not used: %s. "
+                    "Retraining it in its place.", path, layer, factory, why)
+        idx = None
     if idx is not None:
         set_search_params(idx, nprobe)
         return idx

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ from ..errors import KnnMoeError
 from .card import write_card
 from .files import atomic_path, sha256_file, write_json_atomic
 from .sigma import RadiusSpec, layer_stats
+from .signature import same_weights
+
+log = logging.getLogger(__name__)
 
 FORMAT = "knnmoe-memory"
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum and is validated against its schema
@@ -143,6 +147,14 @@ def check_manifest(manifest, where: str) -> None:
         if not _KINDS["sha256"][0](model["router_fingerprints"][layer]):
             bad(f"model.router_fingerprints.{layer}", "must be a sha256 hex digest")
         walk(manifest["layers"][layer], _LAYER_SCHEMA, f"layers.{layer}.")
+    projections = model.get("router_projections")  # optional: memories from before it was recorded
+    if projections is not None:
+        if not isinstance(projections, dict) or sorted(projections) != ids:
+            bad("model.router_projections", f"must have an entry for each of model.moe_layers {ids}")
+        for layer, p in projections.items():
+            if not (isinstance(p, list) and p and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       and math.isfinite(x) for x in p)):
+                bad(f"model.router_projections.{layer}", "must be a non-empty list of finite numbers")
 
 
 @dataclass(frozen=True)
@@ -176,11 +188,23 @@ class Memory:
                     f"{signature[field]} in the model. Build a memory for this model (mode=build)."
                 )
         changed = [l for l, fp in mine["router_fingerprints"].items() if signature["router_fingerprints"][l] != fp]
-        if changed:
-            raise KnnMoeError(
-                f"{where}: the router weights of layers {changed} differ from this model's "
-                f"({signature.get('name_or_path')!r}), so its stored logits do not apply. Build a memory for this model."
-            )
+        if not changed:
+            return
+        built_in, runs_in = mine.get("router_dtype"), signature.get("router_dtype")
+        ours, theirs = mine.get("router_projections"), signature.get("router_projections")
+        if isinstance(ours, dict) and isinstance(theirs, dict) and all(
+                isinstance(ours.get(l), list) and same_weights(ours[l], theirs[l]) for l in changed):
+            log.info("memory %s was built from this model's router weights in %s; this model holds them in %s, "
+                     "rounded differently: the same model, so the memory applies", self.path, built_in, runs_in)
+            return
+        dtype = (f" (the memory was built with router weights in {built_in}, this model holds them in {runs_in}; "
+                 "the same weights in another dtype are recognised, these differ beyond rounding)"
+                 if built_in and runs_in and built_in != runs_in else "")
+        raise KnnMoeError(
+            f"{where}: the router weights of layers {changed} differ from this model's "
+            f"({signature.get('name_or_path')!r}){dtype}, so its stored logits do not apply. Build a memory for "
+            "this model."
+        )
 
 
     @property
@@ -356,7 +380,14 @@ def read_manifest(path: str | Path) -> dict:
         raise KnnMoeError(f"{out / MANIFEST} is not valid JSON ({e}); the memory is corrupted, rebuild it") from e
     if not isinstance(manifest, dict):
         raise KnnMoeError(f"{out / MANIFEST} is not a JSON object; the memory is corrupted, rebuild it")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    version = manifest.get("format_version")
+    if manifest.get("format") == FORMAT and _is_int(version) and version > FORMAT_VERSION:
+        raise KnnMoeError(
+            f"{out} is a {FORMAT} v{version} memory, written by knnmoe-eval "
+            f"{manifest.get('knnmoe_eval_version', '?')}; this knnmoe-eval reads v{FORMAT_VERSION}. Upgrade "
+            "knnmoe-eval (pip install -U knnmoe-eval) to read it; the memory itself is fine."
+        )
+    if manifest.get("format") != FORMAT or version != FORMAT_VERSION:
         raise KnnMoeError(
             f"{out} is not a {FORMAT} v{FORMAT_VERSION} memory (found {manifest.get('format')!r} "
             f"v{manifest.get('format_version')!r}); rebuild it with this version of knnmoe-eval"

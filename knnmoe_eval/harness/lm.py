@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Iterator
 
+import lm_eval.models.huggingface as _hf
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -56,6 +57,7 @@ class KnnMoeLM(HFLM):
             self.retriever = Retriever(self.model, memory, self.knn, sites=self.sites)
             self.memory_source = {**source.record(), MANIFEST_SHA256: memory.manifest[MANIFEST_SHA256]}
         self._retrieve = True  # Selective turns retrieval off for the requests it skips
+        self._real_lengths: list[int] | None = None  # the real tokens of each row of the next loglikelihood batch
         self.skipped: int | None = None  # documents Selective ran without retrieval
 
     def _init_distributed_cpu(self) -> None:
@@ -87,8 +89,30 @@ class KnnMoeLM(HFLM):
             self._retrieve = True
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        with self._routing():
+        lengths, self._real_lengths = self._real_lengths, None
+        mask = None
+        if lengths is not None and len(lengths) == inps.shape[0] and max(lengths) == inps.shape[1]:
+            # hf right-pads loglikelihood batches with zeros and passes no mask: the rows past each length
+            mask = torch.arange(inps.shape[1], device=inps.device) < torch.tensor(lengths, device=inps.device)[:, None]
+        with self._routing(mask):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        """hf's, with each batch's real lengths kept for `_model_call`: it builds the right-padded batch with
+        `pad_and_concat` and hands the model no mask, so the lengths are read where it pads."""
+        pad = _hf.pad_and_concat
+
+        def recording(max_length, tensors, padding_side="right"):
+            if padding_side == "right" and self.backend == "causal":
+                self._real_lengths = [int(t.shape[-1]) for t in tensors]
+            return pad(max_length, tensors, padding_side=padding_side)
+
+        _hf.pad_and_concat = recording
+        try:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        finally:
+            _hf.pad_and_concat = pad
+            self._real_lengths = None
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         with self._routing(generation_kwargs.get("attention_mask")):
