@@ -307,3 +307,21 @@ def test_olmoe_placeholder_bos_eos_never_reach_zero_shot_prompts(short_tasks, to
                                       chat_template=chat(tok_b))
         assert multi.count("|||IP_ADDRESS|||\n<|user|>") == 5
     # the fix for a user: pass the real tokenizer (or eos_token=<|endoftext|>) in model_args; testing_real ships it
+
+
+# -- one reference set for every method ------------------------------------------------------------------------------
+def test_ref_limit_cuts_the_five_shot_pool_to_the_memorys_references(tmp_path, monkeypatch):
+    from knnmoe_eval import KnnMoeError
+    from knnmoe_eval.experiments.runner import Runner, Settings
+
+    monkeypatch.setenv("KNNMOE_FEWSHOT_ENCODER", "tfidf")
+    settings = dict(pretrained=str(tmp_path / "model"), out=str(tmp_path), benchmarks=("medmcqa",),
+                    metadata={"data_dir": str(SHORT_DATA)}, include_path=str(TASKS))
+    full = Runner(Settings(**settings)).task_manager.load(["knnmoe_medmcqa_5shot"])["tasks"]["knnmoe_medmcqa_5shot"]
+    runner = Runner(Settings(**settings, ref_limit=3))
+    tasks = runner.task_manager.load(["knnmoe_medmcqa_5shot", "knnmoe_medmcqa_ref"])["tasks"]
+    pool = [d["id"] for d in tasks["knnmoe_medmcqa_5shot"].sampler.fewshot_docs()]
+    memory_refs = [d["id"] for d in tasks["knnmoe_medmcqa_ref"].eval_docs][:3]  # what the build's limit=3 reads
+    assert len(full.sampler.fewshot_docs()) == 5 and pool == memory_refs
+    with pytest.raises(KnnMoeError, match="two reference sets"):
+        Runner(Settings(**{**settings, "metadata": {"data_dir": str(SHORT_DATA), "ref_size": 2}}, ref_limit=3))
