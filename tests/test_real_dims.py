@@ -149,6 +149,7 @@ def test_empty_memory_reproduces_hf_and_a_built_memory_is_evaluated(real, long_m
                                           **prompt)  # the paper's protocol: generate, parse the letter
         assert len(results["samples"]["knnmoe_medmcqa_gen"]) == N_TEST
         assert "acc,none" in results["results"]["knnmoe_medmcqa_gen"]
+        assert results["config"]["knnmoe"]["index"] == {str(l): "SQfp16" for l in real.signature["moe_layers"]}
         diag = results["config"]["knnmoe"]["diagnostics"]
         # the test prompts' answer position (the template's last token, as in the reference prompts) is near the
         # stored keys: the memory is in play
