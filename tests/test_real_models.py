@@ -325,3 +325,17 @@ def test_ref_limit_cuts_the_five_shot_pool_to_the_memorys_references(tmp_path, m
     assert len(full.sampler.fewshot_docs()) == 5 and pool == memory_refs
     with pytest.raises(KnnMoeError, match="two reference sets"):
         Runner(Settings(**{**settings, "metadata": {"data_dir": str(SHORT_DATA), "ref_size": 2}}, ref_limit=3))
+
+
+def test_only_the_contexts_moved_whitespace_leaves_the_answer():
+    """hf moves a context's trailing whitespace into the continuation; only that goes back to the context. A
+    byte-level tokenizer keeps " B" as two tokens: the space is the answer's delimiter and stays stored."""
+    from knnmoe_eval.harness.requests import encode_request
+    from knnmoe_eval.testing import make_tokenizer
+
+    lm = HFLM(pretrained=make_tiny_model("olmoe"), tokenizer=make_tokenizer(), device="cpu", batch_size=1)
+    rid = ("t", 0, 0)
+    assert encode_request(lm, rid, "Answer:", " B").n_cont == 2  # " ", "B"
+    seq = encode_request(lm, rid, "Answer:\n\n", "B")
+    assert seq.n_cont == 1 and seq.targets[-1:] == lm.tok_encode("B", add_special_tokens=False)
+    assert encode_request(lm, rid, "Answer: ", "\nB").n_cont == 2  # the continuation's own newline stays
