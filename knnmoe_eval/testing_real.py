@@ -9,7 +9,8 @@ model fits a test on 2 cores (and is said so in `CUTS`):
   which would otherwise hold 0.8B (gpt-oss) and 0.6B (Qwen3) parameters per layer;
 - gpt-oss's mxfp4 `quantization_config`: random weights are not quantized, and transformers' CPU path would
   dequantize them anyway.
-Weights are random; router weights are scaled up as in `testing.make_tiny_model` so that routing is decisive.
+Weights are random (`make_real_model`); router logits get a standard deviation of ~4 so that routing is decisive, as
+`testing.make_tiny_model` does for the tiny models.
 
 Tokenizers: the OLMoE and Qwen3 `tokenizer.json` files (gzipped), and gpt-oss's o200k_base ranks (tiktoken
 format, gzipped) turned into a fast tokenizer with the harmony special tokens, the way transformers'
