@@ -91,7 +91,7 @@ def test_options_follow_the_items_count(tasks):
 def test_build_task_targets_the_gold_answer(tasks):
     ref = tasks["knnmoe_medqa_ref"]
     doc = next(d for d in ref.eval_docs if d["id"] == "train-1")
-    request = ref.construct_requests(doc, context(ref, doc))
+    (request,) = ref.construct_requests(doc, context(ref, doc))  # the gold answer as the one choice
     assert request.arguments == (
         INSTRUCTION + "Question: A 6-year-old girl has a barking cough. What is the most likely pathogen?\nOptions:\n"
         "A. Rhinovirus\nB. Parainfluenza virus\nC. Adenovirus\nD. Influenza B\nAnswer:",

@@ -253,28 +253,68 @@ def doc_to_target(doc: dict) -> str:
 _STATED = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:\-]?\s*\(?\**\s*([A-J])\b")
 # A letter as an option label: "(C)", "C.", "C)", "C:", "**C**" or last on its line; not "A" in "A 45-year-old".
 _LABEL = re.compile(r"(?<![A-Za-z0-9])(?:\(([A-J])\)|([A-J])(?=[.:)*]|[ \t]*$))", re.MULTILINE)
+# Reasoning models' output: gpt-oss's harmony channels, with the special tokens kept or skipped at decoding
+# (`<|channel|>final<|message|>` reads "assistantfinal" once they are dropped), and Qwen3's <think> block.
+_HARMONY_FINAL = re.compile(r"<\|channel\|>final(?:\s*<\|constrain\|>\w*)?<\|message\|>|(?<![A-Za-z])assistantfinal")
+_HARMONY_END = re.compile(r"<\|(?:end|return|call)\|>")
+_HARMONY_OPEN = re.compile(r"\A\s*(?:<\|channel\|>analysis<\|message\|>|analysis(?=[A-Z*#]))")
 
 
-def parse_answer(response: str, n_options: int) -> str | None:
-    """The one answer-parsing rule of every method: the last "answer (is): X", else the first option label.
+def final_answer(response: str) -> str:
+    """The part of a generation that answers: after Qwen3's </think> or in gpt-oss's `final` channel; "" when
+    a reasoning block never closed (the generation stopped mid-thought), so that no letter of the reasoning
+    is read as the answer. A generation with neither is its own answer."""
+    if "<think>" in response or "</think>" in response:
+        head, sep, tail = response.rpartition("</think>")
+        return tail if sep else ""
+    finals = list(_HARMONY_FINAL.finditer(response))
+    if finals:
+        tail = response[finals[-1].end():]
+        return _HARMONY_END.split(tail, maxsplit=1)[0]
+    if "<|channel|>" in response or _HARMONY_OPEN.match(response):
+        return ""  # analysis (or commentary) only
+    return response
+
+
+def _option_named(response: str, choices: list[str]) -> str | None:
+    """The letter of the one option whose text the answer states ("The answer is Mercury.")."""
+    text = " ".join(response.lower().split())
+    named = [i for i, c in enumerate(choices) if c.strip() and
+             re.search(r"(?<!\w)" + re.escape(" ".join(c.lower().split())) + r"(?!\w)", text)]
+    # an option contained in another ("virus" in "Parainfluenza virus") is named only through the longer one
+    named = [i for i in named if not any(j != i and choices[i].lower() in choices[j].lower() for j in named)]
+    return LETTERS[named[0]] if len(named) == 1 else None
+
+
+def parse_answer(response: str, n_options: int, choices: list[str] | None = None) -> str | None:
+    """The one answer-parsing rule of every method: in the final answer (`final_answer`), the last "answer (is):
+    X", else the first option label, else (given the options' `choices`) the one option named by its text.
 
     Only letters of the item's own options count ("I" is no answer to a four-option question).
     """
+    response = final_answer(response)
     valid = LETTERS[:n_options]
     stated = [m.group(1) for m in _STATED.finditer(response) if m.group(1) in valid]
     if stated:
         return stated[-1]
     labels = [m.group(1) or m.group(2) for m in _LABEL.finditer(response)]
-    return next((letter for letter in labels if letter in valid), None)
+    letter = next((letter for letter in labels if letter in valid), None)
+    if letter is None and choices:
+        letter = _option_named(response, choices)
+    return letter
 
 
 def process_generation(doc: dict, results: list[str]) -> dict[str, int]:
-    return {"acc": int(parse_answer(results[0], len(doc["choices"])) == doc_to_target(doc))}
+    return {"acc": int(parse_answer(results[0], len(doc["choices"]), doc["choices"]) == doc_to_target(doc))}
+
+
+def gold_choice(doc: dict) -> list[str]:
+    """The build tasks' one choice: the gold letter, which lm-eval delimits as it does the test task's choices."""
+    return [doc_to_target(doc)]
 
 
 def gold_continuation(doc: dict) -> str:
-    """The build tasks' target. lm-eval puts no target_delimiter before a loglikelihood target, so the space that
-    the multiple-choice and generative tasks put before the letter belongs to it."""
+    """The gold answer as it follows the plain prompt (" B", or MBPP's program): the bits-per-byte denominator."""
     return mbpp_doc_to_target(doc) if "code" in doc else " " + doc_to_target(doc)
 
 

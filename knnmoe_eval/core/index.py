@@ -14,7 +14,10 @@ index is described by two short strings. Four names stand for the choices worth 
                   skips faiss's polysemous training, which took minutes per layer at d = 2048 and buys nothing here
     hnsw          "PCA{d/8},HNSW32", re-ranked: a graph over PCA-reduced float32 keys (1 KB per key at d = 2048)
 
-nlist grows as ~4 sqrt(N). Anything else is passed to `faiss.index_factory` as is, and re-ranked. Re-ranked
+nlist grows as ~4 sqrt(N). Small memories get what their keys can train, never a faiss error: nlist at most
+N/39 (k-means' points per centroid) and PCA to min(d/8, N) dimensions (a PCA fitted on N points has at most N
+components: GPQA's 250 references per layer train PCA250, not d/8 = 256 or gpt-oss's 360). The factory a run used
+is in its results JSON (`config.knnmoe.index`). Anything else is passed to `faiss.index_factory` as is, and re-ranked. Re-ranked
 indexes hand retrieval true squared distances, so similarities, sigma=auto and max_distance keep their meaning;
 `ivfpq` hands it the index's own (PCA, 8-bit) distances, and its sigma=auto is measured in that same space
 (`index_nn_sq_dist`).
@@ -99,9 +102,14 @@ def _nlist(n: int) -> int:
     return min(_pow2(4 * math.sqrt(n), round), _pow2(n / _POINTS_PER_CENTROID))
 
 
+def _pca_dims(d: int, n: int) -> int:
+    """d/8 (the paper's reduction), bounded by the n keys that train the PCA."""
+    return max(1, min(d // 8, n))
+
+
 def ivfpq_paper_factory(d: int, n: int) -> str:
     """The paper's IVFPQ for `n` keys of dimension `d`: PCA to d/8, IVF, 8-bit scalar codes (1 byte per dimension)."""
-    return f"PCA{max(1, d // 8)},IVF{_nlist(n)},SQ8"
+    return f"PCA{_pca_dims(d, n)},IVF{_nlist(n)},SQ8"
 
 
 def ivfpq_rerank_factory(d: int, n: int) -> str:
@@ -110,7 +118,7 @@ def ivfpq_rerank_factory(d: int, n: int) -> str:
     Small memories cannot train 256 centroids per sub-quantizer with enough points, so the code bits shrink to
     keep >= 39 training points per centroid; at d = 2048 and N >= 10k the result is PCA256,IVF{nlist},PQ32x8np.
     """
-    d_pca = max(1, d // 8)
+    d_pca = _pca_dims(d, n)
     m = max(s for s in range(1, min(32, d_pca) + 1) if d_pca % s == 0)  # sub-quantizers: <= 32 bytes per key
     bits = min(8, max(4, int(math.floor(math.log2(max(n / _POINTS_PER_CENTROID, 1.0))))))
     return f"PCA{d_pca},IVF{_nlist(n)},PQ{m}x{bits}np"
@@ -125,7 +133,7 @@ def plan(index: str, d: int, n: int, nprobe: int | None = None) -> IndexPlan:
     if index == "ivfpq_rerank":
         return IndexPlan(ivfpq_rerank_factory(d, n), nprobe or 8, rerank=True)
     if index == "hnsw":
-        return IndexPlan(f"PCA{max(1, d // 8)},HNSW32", nprobe or 8, rerank=True)
+        return IndexPlan(f"PCA{_pca_dims(d, n)},HNSW32", nprobe or 8, rerank=True)
     import faiss
 
     try:  # parsed now, at setup, so that a typo is not a raw faiss error (or a failure mid-evaluation)

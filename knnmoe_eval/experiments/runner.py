@@ -145,6 +145,10 @@ class Runner:
             self.pretrained = str(train_or_load(settings.cache))
         if is_toy_dir(self.pretrained):
             metadata.setdefault("toy_dir", self.pretrained)
+        if settings.ref_limit is not None:  # one reference set for every method: the 5-shot pool is cut to it too
+            if int(metadata.setdefault("ref_size", settings.ref_limit)) != settings.ref_limit:
+                raise KnnMoeError(f"--ref_limit {settings.ref_limit} and --metadata ref_size={metadata['ref_size']} "
+                                  "name two reference sets; give one of them")
         self.metadata = metadata
         # every benchmark is one of ours: lm-eval's own task index would only cost seconds per run
         self.task_manager = lm_eval.tasks.TaskManager(include_path=settings.include_path, include_defaults=False,

@@ -155,6 +155,8 @@ class KnnMoeLM(HFLM):
         if self.retriever is not None:  # lm-eval asks for this once, after the last request: the run's report
             info["knnmoe"]["memory"] = self.memory_source  # where it came from, down to the Hub commit
             info["knnmoe"]["diagnostics"] = self.retriever.report()
+            # the index each layer was searched with: what `plan` made of index= for this memory's size
+            info["knnmoe"]["index"] = {str(l): r.factory for l, r in self.retriever.layers.items()}
         if self.skipped is not None:
             info["knnmoe"]["selective_skipped"] = self.skipped
         return info

@@ -7,9 +7,26 @@ from ..errors import KnnMoeError
 
 
 def encode_request(lm, rid: RequestId, context: str, continuation: str) -> RefSequence:
-    """A build request's tokens as lm-eval's `hf` (`lm`, an HFLM) tokenizes a loglikelihood request."""
+    """A build request's tokens as lm-eval's `hf` (`lm`, an HFLM) tokenizes a loglikelihood request, the stored
+    positions being the answer's own tokens.
+
+    `hf` moves the context's trailing whitespace into the continuation so that the tokenizer spaces the answer
+    its own way (" B" is one token in every BPE here). Where that whitespace stays a token of its own, as the
+    newline that ends a chat template's assistant header (`<|assistant|>\n`, `<|im_start|>assistant\n`), it is
+    the template's, not the answer's: it goes back to the context, so it is neither stored nor in the loss, and
+    the sequence's tokens stay exactly `hf`'s. The loglikelihood the build reports is then the answer's alone. A
+    delimiter that is the continuation's own (" B" after "Answer:") stays in it, whatever the tokenizer makes of it.
+    """
     if context:
         ctx, cont = lm._encode_pair(context, continuation)
+        moved = len(context) - len(context.rstrip())  # the context's whitespace that hf put before the answer
+        lead = 0
+        while lead < len(cont) - 1:
+            head = lm.tokenizer.decode(cont[: lead + 1], skip_special_tokens=False)
+            if head.strip() or len(head) > moved:
+                break
+            lead += 1
+        ctx, cont = ctx + cont[:lead], cont[lead:]
     else:
         ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation, add_special_tokens=False)
     return tokenize_request(rid, ctx, cont, lm.max_length)
