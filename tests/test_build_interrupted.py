@@ -189,8 +189,8 @@ def test_two_builds_into_one_directory_the_second_is_refused_naming_the_first(mo
         builder(model, tmp_path, eta=10.0, shard_tokens=1)
     first.finalize()
     assert load_memory(tmp_path / "mem").manifest["build"]["eta"] == 10.0
-    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["layer_000.safetensors", "layer_001.safetensors",
-                                                                   "manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["README.md", "layer_000.safetensors",
+                                                                   "layer_001.safetensors", "manifest.json"]
 
 
 def test_a_killed_builds_lock_is_not_stale(model, tmp_path):

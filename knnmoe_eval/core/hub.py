@@ -136,8 +136,11 @@ def verified_files(memory_dir: str | Path) -> list[str]:
         path = sidecar.with_name(sidecar.name.removesuffix(".json"))
         if spec.get("keys_sha256") not in keys:
             continue  # trained for keys this memory no longer has: no loader would read it
-        if knn_index.read_saved_index(path, spec) is None:
-            continue  # its save never finished
+        try:
+            if knn_index.read_saved_index(path, spec) is None:
+                continue  # its save never finished
+        except knn_index.RefusedIndex as e:  # evaluation would refuse it and retrain: a defect of the shared memory
+            raise KnnMoeError(f"the saved index {path.relative_to(out)} would be refused: {e}") from None
         files += [str(p.relative_to(out)) for p in (path, sidecar)]
     return files
 
