@@ -175,7 +175,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(toy_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy_dir)
     refs, shift = toy.load_split(toy_dir, "shift_ref"), toy.load_split(toy_dir, "shift_test")
-    manifest = json.loads((toy_dir / toy.MANIFEST).read_text())
+    manifest = json.loads((toy_dir / toy.TOY_JSON).read_text())
     print(f"toy dir: {toy_dir}  (trained in {manifest['train_seconds']} s on {manifest['train_threads']} threads)")
     both = ["knnmoe_toy_indomain", "knnmoe_toy_shift"]
 

@@ -28,14 +28,14 @@ def rows(bench, split):
     return [json.loads(line) for line in (DATA / bench / f"{split}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("bench", B.SPLITS)
+@pytest.mark.parametrize("bench", B.BENCHMARK_SPLITS)
 def test_split_sizes(bench):
     test, reference = sets(bench)
     assert (len(test), len(reference)) == FIXTURE_SIZES[bench]
     assert len(sets(bench, with_reference=False)[0]) == len(test)
 
 
-@pytest.mark.parametrize("bench", B.SPLITS)
+@pytest.mark.parametrize("bench", B.BENCHMARK_SPLITS)
 def test_reference_and_test_are_disjoint(bench):
     test, reference = sets(bench)
     assert not {d["id"] for d in test} & {d["id"] for d in reference}
@@ -43,7 +43,7 @@ def test_reference_and_test_are_disjoint(bench):
 
 
 def test_gold_answers_follow_each_schema():
-    gold = {bench: {d["id"]: B.doc_to_target(d) for d in sets(bench)[0]} for bench in B.SPLITS if bench != "mbpp"}
+    gold = {bench: {d["id"]: B.doc_to_target(d) for d in sets(bench)[0]} for bench in B.BENCHMARK_SPLITS if bench != "mbpp"}
     assert gold["mmlu"] == {"test-0": "A", "test-1": "C", "test-2": "D", "test-3": "B"}
     assert gold["medqa"] == {"test-0": "B", "test-1": "A", "test-2": "C"}
     assert gold["medmcqa"] == {"mc-va-1": "A", "mc-va-2": "A", "mc-va-3": "C"}
@@ -118,7 +118,7 @@ def test_supergpqa_holds_out_a_seeded_share_of_its_one_split():
 
 
 def test_test_subset_is_seeded_and_its_leftovers_stay_out_of_the_reference(monkeypatch):
-    monkeypatch.setitem(B.SPLITS, "medqa", dataclasses.replace(B.SPLITS["medqa"], reference=("train", "test"), test_size=2))
+    monkeypatch.setitem(B.BENCHMARK_SPLITS, "medqa", dataclasses.replace(B.BENCHMARK_SPLITS["medqa"], reference=("train", "test"), test_size=2))
     test, reference = sets("medqa")
     assert len(test) == 2 and [d["id"] for d in test] == [d["id"] for d in sets("medqa")[0]]
     assert not {d["id"] for d in reference} & {"test-0", "test-1", "test-2"}

@@ -31,8 +31,8 @@ def evaluate(model, tasks, **metadata):
 def test_test_group_averages_over_all_items_and_ref_size_cuts_every_reference_set():
     out = evaluate("dummy", ["knnmoe_test", "knnmoe_ref"], ref_size=2)
     assert out["n-samples"]["knnmoe_mmlu_ref"] == {"original": 2, "effective": 2}
-    assert {out["n-samples"][f"knnmoe_{b}_ref"]["effective"] for b in B.SPLITS} == {2}
-    per_task = {b: out["results"][f"knnmoe_{b}"] for b in B.SPLITS if b != "mbpp"}
+    assert {out["n-samples"][f"knnmoe_{b}_ref"]["effective"] for b in B.BENCHMARK_SPLITS} == {2}
+    per_task = {b: out["results"][f"knnmoe_{b}"] for b in B.BENCHMARK_SPLITS if b != "mbpp"}
     sizes = {b: out["n-samples"][f"knnmoe_{b}"]["effective"] for b in per_task}
     concatenated = sum(per_task[b]["acc,none"] * sizes[b] for b in per_task) / sum(sizes.values())
     assert out["results"]["knnmoe_test"]["acc,none"] == pytest.approx(concatenated)
@@ -77,9 +77,9 @@ def test_lm_eval_cli_runs_knnmoe_test_with_hf_offline(tmp_path):
     results = json.loads(results_file.read_text())
     assert results["n-samples"]["knnmoe_supergpqa"] == {"original": 16, "effective": 2}
     # the group's accuracy is the mean over every item the model answered (2 per multiple-choice benchmark)
-    accs = [json.loads(line)["acc"] for b in B.SPLITS if b != "mbpp"
+    accs = [json.loads(line)["acc"] for b in B.BENCHMARK_SPLITS if b != "mbpp"
             for f in results_file.parent.glob(f"samples_knnmoe_{b}_2*.jsonl") for line in f.read_text().splitlines()]
-    assert len(accs) == 2 * (len(B.SPLITS) - 1)
+    assert len(accs) == 2 * (len(B.BENCHMARK_SPLITS) - 1)
     assert results["results"]["knnmoe_test"]["acc,none"] == pytest.approx(sum(accs) / len(accs))
 
 

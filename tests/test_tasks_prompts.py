@@ -11,7 +11,7 @@ from knnmoe_eval.benchmarks import data as B
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ROOT / "tasks"
 DATA = ROOT / "tests" / "fixtures" / "data"
-OURS = sorted(p for bench in B.SPLITS for p in (TASKS / bench).glob("*.yaml")) + sorted(TASKS.glob("*.yaml"))
+OURS = sorted(p for bench in B.BENCHMARK_SPLITS for p in (TASKS / bench).glob("*.yaml")) + sorted(TASKS.glob("*.yaml"))
 KINDS = ("", "_gen", "_5shot", "_ref")
 INSTRUCTION = "Answer the following multiple-choice question with the letter of the correct option.\n\n"
 
@@ -27,7 +27,7 @@ def tasks(manager):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KNNMOE_FEWSHOT_ENCODER", "tfidf")
         mp.setenv("HF_ALLOW_CODE_EVAL", "1")
-        names = [f"knnmoe_{bench}{kind}" for bench in B.SPLITS for kind in KINDS]
+        names = [f"knnmoe_{bench}{kind}" for bench in B.BENCHMARK_SPLITS for kind in KINDS]
         yield manager.load(names)["tasks"]
 
 
@@ -58,7 +58,7 @@ def test_standard_tasks_still_come_from_lm_eval():
         assert "site-packages/lm_eval/tasks" in str(manager.task_index[name].yaml_path)
 
 
-@pytest.mark.parametrize("bench", B.SPLITS)
+@pytest.mark.parametrize("bench", B.BENCHMARK_SPLITS)
 def test_each_benchmark_has_four_kinds_with_the_fixture_sizes(tasks, bench):
     n_test, n_ref = {"gpqa": (3, 6), "mmlu": (4, 8), "supergpqa": (16, 2), "medqa": (3, 6), "medmcqa": (3, 5), "mbpp": (4, 6)}[bench]
     sizes = {kind: len(tasks[f"knnmoe_{bench}{kind}"].eval_docs) for kind in KINDS}

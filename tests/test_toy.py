@@ -113,7 +113,7 @@ def test_train_or_load_caches_by_config(toy_dir, monkeypatch):
     assert replace(SMALL, steps=3).key() != SMALL.key()
     model = AutoModelForCausalLM.from_pretrained(toy_dir)
     assert model.config.model_type == "olmoe" and model.config.num_experts == SMALL.n_experts
-    assert [len(toy.load_split(toy_dir, s)) for s in toy.SPLITS] == [
+    assert [len(toy.load_split(toy_dir, s)) for s in toy.TOY_SPLITS] == [
         SMALL.n_train,
         SMALL.n_indomain_test,
         SMALL.n_shift_ref,

@@ -41,7 +41,7 @@ class Split:
     multiple_choice: bool = True  # False: generative only (MBPP), no loglikelihood test or _ref_mc task
 
 
-SPLITS = {
+BENCHMARK_SPLITS = {
     "gpqa": Split("Idavidrein/gpqa", None, ("gpqa_diamond",), ("gpqa_main",), splits_are_configs=True),
     "mmlu": Split("cais/mmlu", "all", ("test",), ("auxiliary_train",), ref_size=10_000),
     "supergpqa": Split("m-a-p/SuperGPQA", None, ("train",), (), reference_share=3_000 / 26_529),
@@ -115,7 +115,7 @@ def local_path(data_dir: str | os.PathLike, benchmark: str, split: str) -> Path:
 
 
 def _read_rows(benchmark: str, split: str, data_dir) -> list[dict]:
-    spec = SPLITS[benchmark]
+    spec = BENCHMARK_SPLITS[benchmark]
     if data_dir is not None:
         path = local_path(data_dir, benchmark, split)
         if not path.is_file():
@@ -160,9 +160,9 @@ def split_sets(
     with_reference: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     """(test set in source order, reference set in seeded order: its first N items are the size-N subset)."""
-    if benchmark not in SPLITS:
-        raise KnnMoeError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(SPLITS)}")
-    spec = SPLITS[benchmark]
+    if benchmark not in BENCHMARK_SPLITS:
+        raise KnnMoeError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARK_SPLITS)}")
+    spec = BENCHMARK_SPLITS[benchmark]
     test = _docs(benchmark, spec.test, data_dir, seed)
     if spec.reference:
         candidates = _docs(benchmark, spec.reference, data_dir, seed) if with_reference else []
@@ -210,7 +210,7 @@ def load(benchmark: str, part: str, data_dir=None, ref_size=None, split_seed=SEE
         with_reference=part != "test",
     )
     docs = {"test": [dict(d, role="test") for d in test], "reference": [dict(d, role="reference") for d in reference]}
-    spec = SPLITS[benchmark]
+    spec = BENCHMARK_SPLITS[benchmark]
     for name, needed in (("test", part in ("test", "pool")), ("reference", part in ("reference", "pool"))):
         if needed and not docs[name]:  # refused here, before lm-eval's samplers or datasets trip over it
             files = spec.test if name == "test" else (spec.reference or spec.test)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..benchmarks.data import SPLITS
+from ..benchmarks.data import BENCHMARK_SPLITS
 from ..core.files import write_json_atomic
 from ..core.options import PRESETS, default
 from ..errors import KnnMoeError
@@ -61,7 +61,7 @@ def _paper(name: str, mc: bool = True) -> Benchmark:
 
 
 BENCHMARKS = {
-    **{name: _paper(name, split.multiple_choice) for name, split in SPLITS.items()},
+    **{name: _paper(name, split.multiple_choice) for name, split in BENCHMARK_SPLITS.items()},
     # The toy's context window (64 positions) cannot hold five examples, so it has no 5-shot task.
     "toy_shift": Benchmark("toy_shift", ref="knnmoe_toy_shift_ref", test="knnmoe_toy_shift",
                            ref_mc="knnmoe_toy_shift_ref_mc"),

@@ -43,8 +43,8 @@ from pathlib import Path
 from knnmoe_eval.errors import KnnMoeError
 
 FORMAT_VERSION = 1  # bump when the generator or training changes in a way the config does not capture
-SPLITS = ("train", "indomain_test", "shift_ref", "shift_test")
-MANIFEST = "toy.json"
+TOY_SPLITS = ("train", "indomain_test", "shift_ref", "shift_test")
+TOY_JSON = "toy.json"
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 _MARKERS = "ABCDEFGH"
 SHIFT_MARKER = "X"
@@ -179,7 +179,7 @@ def generate_splits(config: ToyConfig) -> dict[str, list[dict]]:
         "shift_ref": config.n_shift_ref,
         "shift_test": config.n_shift_test,
     }
-    for split in SPLITS:
+    for split in TOY_SPLITS:
         rng = random.Random(f"{config.seed}-{split}")
         records: list[dict] = []
         while len(records) < sizes[split]:
@@ -318,12 +318,12 @@ def _train(config: ToyConfig, train_texts: list[str], progress: bool):
 
 
 def is_toy_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    return (Path(path) / TOY_JSON).is_file()
 
 
 def data_file(toy_dir: str | Path, split: str) -> Path:
-    if split not in SPLITS:
-        raise KnnMoeError(f"unknown toy split {split!r}; choose one of {', '.join(SPLITS)}")
+    if split not in TOY_SPLITS:
+        raise KnnMoeError(f"unknown toy split {split!r}; choose one of {', '.join(TOY_SPLITS)}")
     return Path(toy_dir) / "data" / f"{split}.jsonl"
 
 
@@ -338,7 +338,7 @@ def find_toy_dir(toy_dir: str | None = None, pretrained: str | None = None) -> P
         if isinstance(candidate, (str, Path)) and is_toy_dir(candidate):
             return Path(candidate)
     raise KnnMoeError(
-        f"the knnmoe_toy tasks need a toy directory made by knnmoe_eval.experiments.toy.train_or_load (with {MANIFEST}); got"
+        f"the knnmoe_toy tasks need a toy directory made by knnmoe_eval.experiments.toy.train_or_load (with {TOY_JSON}); got"
         f" toy_dir={toy_dir!r}, pretrained={pretrained!r}. Pass --model_args pretrained=<toy dir> or"
         """ --metadata '{"toy_dir": "<toy dir>"}'."""
     )
@@ -386,7 +386,7 @@ def train_or_load(cache_dir: str | Path, config: ToyConfig | None = None, progre
             "train_threads": TRAIN_THREADS,
             "final_train_ce": loss,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / TOY_JSON).write_text(json.dumps(manifest, indent=2) + "\n")
         try:
             tmp.rename(out)
         except OSError:
