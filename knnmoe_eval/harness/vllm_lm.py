@@ -16,8 +16,9 @@ inside it), so the search runs eager between captured graphs. Imposed or refused
   the splitting ops too, and a faiss search is a host call that no CUDA graph can replay;
 - one engine per memory: each `vllm-knnmoe` starts its own engine, so its prefix cache only ever holds states
   computed under its own memory.
-Data parallelism (`data_parallel_size` > 1) is refused: lm-eval starts a fresh engine inside a Ray task for every
-request batch and generates there, so no call of ours reaches those engines to attach the memory and check it.
+Data parallelism (`data_parallel_size` > 1) is refused: lm-eval then starts a fresh engine inside a Ray task for
+every request batch and generates there at once (`VLLM._model_generate`), so no call of ours reaches those engines
+to attach the memory and check it: they would route stock.
 Tensor parallelism attaches it in every worker (each searches its own copy).
 """
 
@@ -61,8 +62,10 @@ class KnnMoeVLLM(VLLM):
         read_manifest(self.knn.memory)  # a missing or incomplete memory fails before the engine loads
         if int(vllm_kwargs.get("data_parallel_size", 1)) > 1:
             raise KnnMoeError(
-                "vllm-knnmoe does not support data_parallel_size > 1 (lm-eval runs those engines in Ray tasks, "
-                "where the memory cannot be attached); use tensor_parallel_size, or one run per GPU"
+                "vllm-knnmoe does not support data_parallel_size > 1: lm-eval then starts a new engine inside a Ray "
+                "task for every batch of requests and generates there at once, so the memory is never attached in "
+                "those engines (they would route stock). Use tensor_parallel_size, or one run per GPU "
+                "(CUDA_VISIBLE_DEVICES=i, each on its share of the task)"
             )
         if vllm_kwargs.get("worker_extension_cls"):
             raise KnnMoeError("vllm-knnmoe sets worker_extension_cls itself; drop it from model_args")

@@ -26,8 +26,6 @@ class KnnMoeWorkerExtension:
     def knnmoe_attach(self, options: dict) -> str | None:
         """Load the memory, check it against this worker's model, route with it; an error message or None."""
         try:
-            if ROUTING.retriever is not None:
-                raise KnnMoeError("this vLLM engine already routes with a memory: use one engine per memory")
             model = self.model_runner.get_model()
             opts = KnnMoeOptions(**options)
             sites = find_vllm_routers(model)
@@ -40,6 +38,8 @@ class KnnMoeWorkerExtension:
                 raise KnnMoeError(f"the routers {stock} are vLLM's stock gates: {why}; start the engine "
                                   "through `--model vllm-knnmoe`")
             retriever = Retriever(model, load_memory(opts.memory, opts.verify), opts, sites=sites)
+            if ROUTING.retriever is not None:  # after the checks: a wrong memory is named as hf-knnmoe names it
+                raise KnnMoeError("this vLLM engine already routes with a memory: use one engine per memory")
         except KnnMoeError as e:
             return str(e)
         ROUTING.install(retriever, {gates[site.name].knnmoe_layer: site for site in sites})
