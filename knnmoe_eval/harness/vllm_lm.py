@@ -6,7 +6,7 @@ Every `vllm` model_arg works as before (the rest go to vLLM's engine, as with `v
 defaults and checks of `hf-knnmoe` (`options.py`). Memories are built by `hf-knnmoe` (mode=build); there is no
 build mode here. The routing runs inside vLLM's workers (`vllm_worker.py`): this class starts the engine with
 that worker extension, attaches the memory there (checked against the model's router fingerprints and shapes)
-and runs one warm-up token to check that every router hook fired, all before lm-eval's first request.
+and runs one warm-up token to check that every router's op ran, all before lm-eval's first request.
 
 The engine runs compiled, with vLLM's CUDA graphs captured piecewise: the routers were built by our vLLM plugin
 (`vllm_plugin.py`) around the op `knnmoe::route`, and this class adds that op to `compilation_config.splitting_ops`
