@@ -155,6 +155,7 @@ def main() -> None:
         for name, eager in stock + ([] if args.no_eager or args.eager else [("vllm (enforce_eager)", True)]):
             lm = engine(pretrained, args, eager)
             rows.append({"model": name, "keys": 0, "index": "-", **timed_vllm(lm, score, prompts, args.gen)})
+            print("measured:", rows[-1], flush=True)  # a long run that is stopped keeps what it measured
             shutdown(lm)
         base = rows[0]
         for n, mem in memories.items():
@@ -164,6 +165,7 @@ def main() -> None:
                 setup = time.perf_counter() - start
                 row = {"model": "vllm-knnmoe", "keys": n, "index": index, "setup_s": round(setup, 1)}
                 rows.append({**row, **timed_vllm(lm, score, prompts, args.gen)})
+                print("measured:", rows[-1], flush=True)
                 shutdown(lm)
     for r in rows:
         r.setdefault("setup_s", "-")

@@ -18,7 +18,7 @@ def test_perf_vllm_quick_runs_on_a_fresh_environment(tmp_path):
     out = tmp_path / "perf.json"
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--eager", "--allow-load", "--keys", "2000",
                           "--indexes", "exact", "--prompts", "2", "--gen", "2", "--json", str(out)],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["runs"]
     assert [(r["model"], r["keys"], r["index"]) for r in rows] == [("vllm (enforce_eager)", 0, "-"),
