@@ -121,10 +121,10 @@ def main() -> None:
     p.add_argument("--eager", action="store_true", help="every engine with enforce_eager (the smoke test: no compile)")
     p.add_argument("--allow-load", action="store_true", help="measure even when other processes are busy")
     p.add_argument("--json", type=Path, default=Path("results/perf_vllm.json"))
+    if p.parse_known_args()[0].quick:  # --quick changes the defaults; flags given with it still apply
+        p.set_defaults(keys=[10_000], indexes=["exact", "ivfpq_rerank"], prompts=4, gen=8, no_eager=True,
+                       dtype="float32")
     args = p.parse_args()
-    if args.quick:
-        args.keys, args.indexes, args.prompts, args.gen, args.no_eager = [10_000], ["exact", "ivfpq_rerank"], 4, 8, True
-        args.dtype = "float32"
     quiet = require_quiet(args.allow_load)
 
     import torch
