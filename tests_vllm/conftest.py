@@ -22,7 +22,8 @@ from knnmoe_eval.testing import save_tiny
 
 TASKS = os.path.join(os.path.dirname(__file__), os.pardir, "tests", "fixtures", "tasks")
 VLLM_SIZE = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, head_dim=64)
-ENGINE = "dtype=float32,max_model_len=256,seed=0,enforce_eager=True"  # stock vLLM as vllm-knnmoe runs it
+COMPILED = "dtype=float32,max_model_len=256,seed=0"  # vLLM's defaults: on CPU, Dynamo (fullgraph) + inductor
+ENGINE = COMPILED + ",enforce_eager=True"
 _TASK_MANAGER = []
 
 

@@ -12,8 +12,9 @@ Inside `hooked_routers(sites, transform)` each router *instance* gets its forwar
 - any other tensor z': every row is routed by z' through the restated gating (the build's leaf logits, whose
   gradient must run through that gating).
 
-A vLLM gate (a site with `vllm_gate`) returns logits only, which vLLM's FusedMoE gates itself: there the door hands
-back z with the rerouted rows replaced (`route_logits`), the other rows being z's own values.
+vLLM's routers return logits only, which its FusedMoE gates itself: there the door is `route_logits`, called from
+the `knnmoe::route` op that vLLM's gates run (`harness/vllm_plugin.py`), and hands back z with the moved rows
+replaced, the other rows being z's own values.
 
 The context manager restores every router in `finally` and, on exit, checks that every hooked router actually ran:
 a hub kernel that replaces the MoE forward would otherwise silently bypass us.
@@ -78,47 +79,31 @@ def route_logits(site: RouterSite, h: torch.Tensor, z: torch.Tensor, transform: 
 
 
 def _hooked_forward(site: RouterSite, transform: Transform, calls: Counter):
-    if site.vllm_gate is None:
-        def forward(hidden_states: torch.Tensor, *args):  # args: what some MoE blocks pass (a correction bias)
-            calls[site.layer] += 1
-            return route(site, hidden_states, args, transform)
-
-        return forward
-
-    stock = type(site.vllm_gate).forward
-
-    def vllm_forward(hidden_states: torch.Tensor):
-        out = stock(site.vllm_gate, hidden_states)
-        z = out[0] if isinstance(out, tuple) else out  # GateLinear returns (logits, bias) or logits
+    def forward(hidden_states: torch.Tensor, *args):  # args: what some MoE blocks pass (a correction bias)
         calls[site.layer] += 1
-        z = route_logits(site, hidden_states.reshape(-1, site.hidden_size), z, transform)
-        return (z, *out[1:]) if isinstance(out, tuple) else z
+        return route(site, hidden_states, args, transform)
 
-    return vllm_forward
+    return forward
 
 
 @contextmanager
 def hooked_routers(sites: Sequence[RouterSite], transform: Transform, check_fired: bool = True) -> Iterator[Counter]:
-    """Route `sites` through `transform` inside the with-block; yields the calls per layer so far."""
+    """Route transformers `sites` through `transform` inside the with-block; yields the calls per layer so far."""
     calls = Counter({site.layer: 0 for site in sites})
     installed = []  # only these are ours to remove: a refused nested hook leaves the outer context's in place
     try:
         for site in sites:
-            if "forward" in vars(site.hooked):
+            if "forward" in vars(site.module):
                 raise KnnMoeError(f"router {site.name} is already hooked: kNN-MoE hooks cannot be nested")
-            site.hooked.forward = _hooked_forward(site, transform, calls)
+            site.module.forward = _hooked_forward(site, transform, calls)
             installed.append(site)
         yield calls
     finally:
         for site in installed:
-            del site.hooked.forward
-    if check_fired and any(n == 0 for n in calls.values()):
+            del site.module.forward
+    silent = [site.name for site in sites if calls[site.layer] == 0]
+    if check_fired and silent:
         raise KnnMoeError(
-            f"the kNN-MoE router hook never ran for {silent_routers(sites, calls)}: the MoE forward bypassed the "
-            "router module (a hub kernel such as MegaBlocksMoeMLP?). Load the model with use_kernels=False."
+            f"the kNN-MoE router hook never ran for {silent}: the MoE forward bypassed the router module (a hub "
+            "kernel such as MegaBlocksMoeMLP?). Load the model with use_kernels=False."
         )
-
-
-def silent_routers(sites: Sequence[RouterSite], calls: Counter) -> list[str]:
-    """The routers among `sites` that never ran."""
-    return [site.name for site in sites if calls[site.layer] == 0]

@@ -52,13 +52,6 @@ class RouterSite:
     decoder_layer: nn.Module | None  # None in vLLM (its layers are not transformers' modules)
     decoder_layer_name: str
     family: Family
-    vllm_gate: nn.Module | None = None  # vLLM: the GateLinear whose forward the hook wraps (transformers: None,
-    #                                      the router `module` itself is hooked)
-
-    @property
-    def hooked(self) -> nn.Module:
-        """The module whose forward `hooks.hooked_routers` replaces."""
-        return self.module if self.vllm_gate is None else self.vllm_gate
 
     @property
     def weight(self) -> torch.Tensor:
@@ -250,7 +243,7 @@ def find_vllm_routers(model: nn.Module) -> list[RouterSite]:
         if name.endswith(suffix) and hasattr(gate, "weight"):
             layer_name, layer = _decoder_layer(name)
             view = VllmRouter(*_vllm_gate_weights(gate, cfg.hidden_size), top_k, norm)
-            sites.append(RouterSite(layer, name, view, None, None, layer_name, family, vllm_gate=gate))
+            sites.append(RouterSite(layer, name, view, None, None, layer_name, family))
     if not sites:
         raise KnnMoeError(f"no '*{suffix}' router modules found in this vLLM {family.name} model")
     return sorted(sites, key=lambda s: s.layer)
