@@ -33,8 +33,8 @@ def test_positions_all_stores_every_position_scored_on_its_own_next_token(tmp_pa
     every = torch.arange(n)[None] >= 1
     answer = torch.arange(n)[None] >= n - seq.n_cont
     sites = find_routers(model)
-    ref = optimise_logits(model, sites, inputs, targets, every, answer, eta=b.opts.eta)
-    answer_only = optimise_logits(model, sites, inputs, targets, answer, answer, eta=b.opts.eta)
+    ref = optimise_logits(model, sites, inputs, targets, every, answer, eta=b.options.eta)
+    answer_only = optimise_logits(model, sites, inputs, targets, answer, answer, eta=b.options.eta)
     for site in sites:
         stored = memory.layers[site.layer].values
         assert stored.shape[0] == n - 1

@@ -111,7 +111,7 @@ def test_another_models_memory_is_refused_as_by_hf_knnmoe(olmoe_dir, far, tmp_pa
     with pytest.raises(KnnMoeError) as hf_err:
         KnnMoeLM(pretrained=olmoe_dir, memory=other, device="cpu")
     with pytest.raises(KnnMoeError) as vllm_err:
-        far._rpc("knnmoe_attach", {**vars(far.knn), "memory": other})
+        far._rpc("knnmoe_attach", {**vars(far.options), "memory": other})
     assert "router weights of layers ['0', '1'] differ" in str(vllm_err.value)
     assert str(vllm_err.value) == str(hf_err.value)
 

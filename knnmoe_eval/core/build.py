@@ -74,7 +74,7 @@ class _Shard:
 class MemoryBuilder:
     def __init__(self, model: torch.nn.Module, sites: Sequence[RouterSite], signature: dict, options: KnnMoeOptions,
                  rank: int = 0, world_size: int = 1):
-        self.model, self.sites, self.signature, self.opts = model, list(sites), signature, options
+        self.model, self.sites, self.signature, self.options = model, list(sites), signature, options
         self.rank, self.world_size = rank, world_size
         self.out = Path(options.memory)
         self.shard_dir = self.out / "shards"
@@ -86,7 +86,7 @@ class MemoryBuilder:
 
     # -- resumable state -------------------------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"model": self.signature, "build": build_settings(self.opts)}
+        return {"model": self.signature, "build": build_settings(self.options)}
 
     def _refuse_complete(self) -> None:
         if (self.out / MANIFEST).exists():
@@ -122,7 +122,7 @@ class MemoryBuilder:
                     f"{self.out} holds a partial build for another model ({old['model'].get('name_or_path')!r}); "
                     "use another directory or delete it"
                 )
-            if old["build"] != build_settings(self.opts):
+            if old["build"] != build_settings(self.options):
                 raise KnnMoeError(
                     f"{self.out} holds a partial build with other settings {old['build']}; resume it with those "
                     "settings, or use another directory"
@@ -176,8 +176,8 @@ class MemoryBuilder:
             targets[i, :n] = torch.tensor(s.targets)
             answer[i, n - s.n_cont : n] = True
             # position 0 (BOS or the first context token) has the same router input in every sequence
-            kept[i, n - s.n_cont if self.opts.positions == "answer" else min(1, n - 1) : n] = True
-        o = self.opts
+            kept[i, n - s.n_cont if self.options.positions == "answer" else min(1, n - 1) : n] = True
+        o = self.options
         result = optimise_logits(self.model, self.sites, inputs.to(device), targets.to(device), kept.to(device),
                                  answer.to(device), eta=o.eta, steps=o.steps, loss=o.loss, grad=o.grad,
                                  optimizer=o.optimizer, free=o.free, keys=o.keys)
@@ -236,7 +236,7 @@ class MemoryBuilder:
                      len(results), len(sequences), len(mine), len(todo))
         todo.sort(key=lambda s: -len(s.tokens))  # similar lengths share a batch: less padding
         shard, seq_no, tokens, start = _Shard(), len(mine), 0, time.perf_counter()
-        self.loss_curve = [0.0] * self.opts.steps  # summed reference NLL before each step, over this run's batches
+        self.loss_curve = [0.0] * self.options.steps  # summed reference NLL before each step, over this run's batches
         bar = tqdm(total=len(todo), desc=f"kNN-MoE build (rank {self.rank})", unit="seq")
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
@@ -245,7 +245,7 @@ class MemoryBuilder:
             tokens += sum(len(s.tokens) for s in batch)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}", nll=f"{losses[0] / len(batch):.3f}")
-            if shard.positions >= self.opts.shard_tokens:
+            if shard.positions >= self.options.shard_tokens:
                 self._flush(shard, seq_no)
                 results.update(zip(shard.rids, shard.loglik))
                 shard, seq_no = _Shard(), seq_no + 1
@@ -331,7 +331,7 @@ class MemoryBuilder:
                 offset += count
         order = sorted(where)
         n = sum(where[r][2] for r in order)
-        settings = {**build_settings(self.opts), "requests": len(order), "tasks": sorted({r[0] for r in order})}
+        settings = {**build_settings(self.options), "requests": len(order), "tasks": sorted({r[0] for r in order})}
         with ExitStack() as stack:
             shards: dict[Path, object] = {}
 
@@ -352,7 +352,7 @@ class MemoryBuilder:
                 if keys:
                     yield torch.cat(keys), torch.cat(values)
 
-            o = self.opts
+            o = self.options
             radius = None if o.radius_quantile is None else RadiusSpec(o.radius_quantile, o.radius_scale, self.far,
                                                                         o.calibration_quantile)
             write_memory_streamed(self.out, {s.layer: (n, rows(s.layer)) for s in self.sites}, self.signature,

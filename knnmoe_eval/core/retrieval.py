@@ -40,12 +40,12 @@ class _LayerRetrieval:
     candidates' true distances (`index.rerank`).
     """
 
-    def __init__(self, site: RouterSite, memory: Memory, opts: KnnMoeOptions):
+    def __init__(self, site: RouterSite, memory: Memory, options: KnnMoeOptions):
         self.layer = site.layer
-        self.normalize = opts.similarity in ("rbf_l2", "cosine")
+        self.normalize = options.similarity in ("rbf_l2", "cosine")
         mem = memory.layers[site.layer]
         n, d = mem.keys.shape
-        self.plan = knn_index.plan(opts.index, d, n, opts.nprobe)
+        self.plan = knn_index.plan(options.index, d, n, options.nprobe)
         self.factory = self.plan.factory
         self.device = site.weight.device
         if self.plan.exact and site.decoder_layer is not None:  # vLLM's layers are not transformers' modules
@@ -70,8 +70,8 @@ class _LayerRetrieval:
         # ivfpq returns its own distances (PCA space, 8-bit codes): its bandwidth is measured in that space
         in_index_space = None if self.plan.true_distances else (
             lambda: knn_index.index_nn_sq_dist(self.cpu_index, mem.keys, self.normalize))
-        self.two_sigma2 = 1.0 if opts.confidence == "radius" else two_sigma2(
-            opts.similarity, opts.sigma, mem.stats, self.layer, memory.path, in_index_space)
+        self.two_sigma2 = 1.0 if options.confidence == "radius" else two_sigma2(
+            options.similarity, options.sigma, mem.stats, self.layer, memory.path, in_index_space)
 
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared distances (m, k) fp32 and ids (m, k) of the k nearest keys to the queries q (m, d) fp32.
@@ -142,8 +142,8 @@ class Retriever:
                                "top1_share": top1.item() / confident.item() if confident.item() else None}
         return out
 
-    def report(self) -> dict:
-        return report(self.options, self.diagnostics())
+    def publish_diagnostics(self) -> dict:
+        return publish_diagnostics(self.options, self.diagnostics())
 
     def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor,
                  token_mask: torch.Tensor | None = None) -> torch.Tensor | Rerouted:
@@ -189,7 +189,7 @@ class Retriever:
         return Rerouted(out, moved, selection)
 
 
-def report(options: KnnMoeOptions, diagnostics: dict) -> dict:
+def publish_diagnostics(options: KnnMoeOptions, diagnostics: dict) -> dict:
     """The run's diagnostics, logged per layer and written to `diagnostics=FILE` when asked (hf- and vllm-knnmoe)."""
     for layer, d in diagnostics.items():
         log.info("kNN-MoE layer %s: mean lambda %.3f, top-k changed %.1f%% of %d tokens", layer,
@@ -209,7 +209,7 @@ def attach(model: torch.nn.Module, memory: str | Path | Memory, **options) -> It
     """
     mem = memory if isinstance(memory, Memory) else load_memory(  # a directory, or a Hub repo id (hub.py)
         resolve_memory(memory, options.get("memory_revision", "main")).path, verify=options.get("verify", True))
-    opts = KnnMoeOptions(**{"memory": str(mem.path), **options})
-    retriever = Retriever(model, mem, opts)
+    resolved = KnnMoeOptions(**{"memory": str(mem.path), **options})
+    retriever = Retriever(model, mem, resolved)
     with hooked_routers(retriever.sites, retriever, check_fired=False):
         yield retriever

@@ -43,18 +43,18 @@ _HF_ARGS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 @register_model("hf-knnmoe")
 class KnnMoeLM(HFLM):
     def __init__(self, pretrained, **kwargs):
-        self.knn, hf_kwargs = split_model_args(kwargs, passthrough=_HF_ARGS)
+        self.options, hf_kwargs = split_model_args(kwargs, passthrough=_HF_ARGS)
         super().__init__(pretrained=pretrained, **hf_kwargs)
         self.sites = find_routers(self.model)  # unsupported family or no routers: fail before any forward
-        if self.knn.mode == "build":
+        if self.options.mode == "build":
             self._init_distributed_cpu()
             signature = model_signature(self.model, self.sites)
-            self.builder = MemoryBuilder(self.model, self.sites, signature, self.knn, self.rank, self.world_size)
+            self.builder = MemoryBuilder(self.model, self.sites, signature, self.options, self.rank, self.world_size)
             self.retriever = None
         else:
-            source = resolve_memory(self.knn.memory, self.knn.memory_revision)  # a local directory, or a Hub repo
-            memory = load_memory(source.path, self.knn.verify)
-            self.retriever = Retriever(self.model, memory, self.knn, sites=self.sites)
+            source = resolve_memory(self.options.memory, self.options.memory_revision)  # a local directory, or a Hub repo
+            memory = load_memory(source.path, self.options.verify)
+            self.retriever = Retriever(self.model, memory, self.options, sites=self.sites)
             self.memory_source = {**source.record(), MANIFEST_SHA256: memory.manifest[MANIFEST_SHA256]}
         self._retrieve = True  # Selective turns retrieval off for the requests it skips
         self._real_lengths: list[int] | None = None  # the real tokens of each row of the next loglikelihood batch
@@ -119,13 +119,13 @@ class KnnMoeLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        if self.knn.mode != "build":
+        if self.options.mode != "build":
             return self._selective(super().loglikelihood, requests, disable_tqdm)
         # build mode: the requests are the reference set; their results are the stock loglikelihoods
-        sequences = reference_sequences(self, requests, self.knn.labels)
+        sequences = reference_sequences(self, requests, self.options.labels)
         pad_id, batch = self.tokenizer.pad_token_id or 0, self._build_batch_size()
-        if self.knn.calibration and self.rank == 0:  # not-this-domain text: what each layer's radius stays clear of
-            texts = read_texts(self.knn.calibration)
+        if self.options.calibration and self.rank == 0:  # not-this-domain text: what each layer's radius stays clear of
+            texts = read_texts(self.options.calibration)
             self.builder.read_calibration((self.tok_encode(t)[-self.max_length:] for t in texts), pad_id, batch)
         results = self.builder.build(sequences, pad_id, batch,
                                      barrier=self.accelerator.wait_for_everyone if self.world_size > 1 else None)
@@ -135,7 +135,7 @@ class KnnMoeLM(HFLM):
         return self._selective(super().generate_until, requests, disable_tqdm)
 
     def _selective(self, run, requests, disable_tqdm: bool) -> list:
-        if self.knn.selective_ppl is None and self.knn.selective_fraction is None:
+        if self.options.selective_ppl is None and self.options.selective_fraction is None:
             return run(requests, disable_tqdm=disable_tqdm)
         results, skipped = run_selective(self, run, requests, disable_tqdm)
         self.skipped = (self.skipped or 0) + skipped
@@ -151,10 +151,10 @@ class KnnMoeLM(HFLM):
 
     def get_model_info(self) -> dict:
         """lm-eval puts this into the results JSON's `config`: our options and, in eval mode, the diagnostics."""
-        info = {**super().get_model_info(), "knnmoe": {"options": vars(self.knn).copy()}}
+        info = {**super().get_model_info(), "knnmoe": {"options": vars(self.options).copy()}}
         if self.retriever is not None:  # lm-eval asks for this once, after the last request: the run's report
             info["knnmoe"]["memory"] = self.memory_source  # where it came from, down to the Hub commit
-            info["knnmoe"]["diagnostics"] = self.retriever.report()
+            info["knnmoe"]["diagnostics"] = self.retriever.publish_diagnostics()
             # the index each layer was searched with: what `plan` made of index= for this memory's size
             info["knnmoe"]["index"] = {str(l): r.factory for l, r in self.retriever.layers.items()}
         if self.skipped is not None:

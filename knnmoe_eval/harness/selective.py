@@ -50,8 +50,7 @@ def skipped_documents(lm, requests, selective_ppl: float | None, fraction: float
 def run_selective(lm, run, requests, disable_tqdm: bool) -> tuple[list, int]:
     """`run(requests)` with retrieval, except for the documents Selective skips, which run as the stock model;
     returns the results in request order and the number of documents skipped."""
-    opts = lm.knn
-    skipped = skipped_documents(lm, requests, opts.selective_ppl, opts.selective_fraction)
+    skipped = skipped_documents(lm, requests, lm.options.selective_ppl, lm.options.selective_fraction)
     skip = [(r.task_name, r.doc_id) in skipped for r in requests]
     results = [None] * len(requests)
     for off in (False, True):

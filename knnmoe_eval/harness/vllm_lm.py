@@ -38,7 +38,7 @@ from vllm.engine.arg_utils import EngineArgs
 from ..core.hub import resolve_memory
 from ..core.memory import MANIFEST_SHA256, read_manifest
 from ..core.options import split_model_args
-from ..core.retrieval import report
+from ..core.retrieval import publish_diagnostics
 from ..errors import KnnMoeError
 from .vllm_plugin import ENGINE_KEY, FUSED_MOE_OPS, GATE_INSIDE_FUSED_MOE, OP
 
@@ -53,14 +53,14 @@ WORKER_EXTENSION = "knnmoe_eval.harness.vllm_worker.KnnMoeWorkerExtension"
 @register_model("vllm-knnmoe")
 class KnnMoeVLLM(VLLM):
     def __init__(self, pretrained, **kwargs):
-        self.knn, vllm_kwargs = split_model_args(kwargs, passthrough=_VLLM_ARGS)
-        if self.knn.mode == "build":
+        self.options, vllm_kwargs = split_model_args(kwargs, passthrough=_VLLM_ARGS)
+        if self.options.mode == "build":
             raise KnnMoeError(
                 "vllm-knnmoe only evaluates: build the memory with `lm_eval --model hf-knnmoe --model_args "
-                f"pretrained={pretrained},mode=build,memory={self.knn.memory} --tasks <build task>`, then evaluate "
+                f"pretrained={pretrained},mode=build,memory={self.options.memory} --tasks <build task>`, then evaluate "
                 "it here with mode=eval"
             )
-        source = resolve_memory(self.knn.memory, self.knn.memory_revision)  # a local directory, or a Hub repo
+        source = resolve_memory(self.options.memory, self.options.memory_revision)  # a local directory, or a Hub repo
         # a missing or incomplete memory fails before the engine loads
         self.memory_source = {**source.record(), MANIFEST_SHA256: read_manifest(source.path)[MANIFEST_SHA256]}
         if int(vllm_kwargs.get("data_parallel_size", 1)) > 1:
@@ -78,7 +78,7 @@ class KnnMoeVLLM(VLLM):
             vllm_kwargs["compilation_config"] = piecewise_config(
                 vllm_kwargs.get("compilation_config"), _model_type(pretrained, vllm_kwargs))
         super().__init__(pretrained, worker_extension_cls=WORKER_EXTENSION, additional_config=extra, **vllm_kwargs)
-        self._rpc("knnmoe_attach", {**vars(self.knn), "memory": str(source.path)})  # workers read the download
+        self._rpc("knnmoe_attach", {**vars(self.options), "memory": str(source.path)})  # workers read the download
         self.model.generate([TokensPrompt(prompt_token_ids=[self.prefix_token_id])],
                             SamplingParams(max_tokens=1), use_tqdm=False)
         self._rpc("knnmoe_check_fired")
@@ -94,8 +94,8 @@ class KnnMoeVLLM(VLLM):
         """lm-eval puts this into the results JSON's `config`: our options and the diagnostics of the first worker
         (tensor-parallel workers route the same replicated tokens)."""
         diag = self.model.collective_rpc("knnmoe_diagnostics")[0]
-        return {"knnmoe": {"options": vars(self.knn).copy(), "memory": self.memory_source,
-                           "diagnostics": report(self.knn, diag)}}
+        return {"knnmoe": {"options": vars(self.options).copy(), "memory": self.memory_source,
+                           "diagnostics": publish_diagnostics(self.options, diag)}}
 
 
 def _model_type(pretrained: str, vllm_kwargs: dict) -> str:
