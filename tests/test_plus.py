@@ -105,7 +105,7 @@ def test_radius_is_the_scaled_leave_one_out_quantile_capped_by_far_text():
     assert stats["radius"] == pytest.approx(2.0 * float(torch.quantile(loo**2, 0.5).sqrt()), rel=1e-6)
     assert layer_stats(keys, RadiusSpec(quantile=1.0, scale=2.0), layer=0)["radius"] == pytest.approx(8.0, rel=1e-6)
     far = {0: torch.tensor([[0.0, 1.2], [10.0, 10.0]], dtype=torch.float16)}  # nearest keys at 1.2 and ~9.2
-    capped = layer_stats(keys, RadiusSpec(0.5, 2.0, far, far_quantile=0.0), layer=0)
+    capped = layer_stats(keys, RadiusSpec(0.5, 2.0, far, calibration_quantile=0.0), layer=0)
     assert capped["radius"] == pytest.approx(1.2, rel=1e-3) and capped["radius_far_cap"] == capped["radius"]
 
 
@@ -210,7 +210,7 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
     memory = load_memory(tmp_path / "mem")
     assert memory.manifest["build"]["calibration"]["quantile"] == 0.0 and opts.radius_scale == 2.0
     for layer, lm in memory.layers.items():
-        nearest = torch.cdist(b.far[layer].float(), lm.keys.float()).min()  # quantile 0: the nearest token
+        nearest = torch.cdist(b.calibration[layer].float(), lm.keys.float()).min()  # quantile 0: the nearest token
         cap = memory.manifest["layers"][str(layer)]["radius_far_cap"]
         assert cap == pytest.approx(float(nearest), rel=1e-3) and lm.stats["radius"] <= cap
 

@@ -78,7 +78,7 @@ class MemoryBuilder:
         self.rank, self.world_size = rank, world_size
         self.out = Path(options.memory)
         self.shard_dir = self.out / "shards"
-        self.far: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
+        self.calibration: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
         self.wall_s: float | None = None  # the last build's wall time, the cost the paper sets against SFT training
         self.calibration_s = 0.0  # reading the calibration text, counted in wall_s
         self.lock = DirectoryLock(self.out / LOCK.format("" if rank == 0 else f".rank{rank:03d}"), str(self.out))
@@ -278,7 +278,7 @@ class MemoryBuilder:
         tokens per layer: what each layer's radius must stay clear of (`sigma.RadiusSpec`)."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
-        far: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
+        kept: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
         held = 0
         texts = iter(token_lists)  # consumed lazily: a large file is read only as far as the cap
         bar = tqdm(total=cap, desc="kNN-MoE calibration text", unit="tok")
@@ -301,11 +301,11 @@ class MemoryBuilder:
                 self.model(inputs.to(device))
             rows = real.reshape(-1).to(device)
             for layer, h in seen.items():
-                far[layer].append(h[rows].to("cpu", torch.float16))
+                kept[layer].append(h[rows].to("cpu", torch.float16))
             held += int(real.sum())
             bar.update(int(real.sum()))
         bar.close()
-        self.far = {layer: torch.cat(hs)[:cap] for layer, hs in far.items()}
+        self.calibration = {layer: torch.cat(hs)[:cap] for layer, hs in kept.items()}
         self.calibration_s = time.perf_counter() - start
 
     def finalize(self) -> Path:
@@ -353,7 +353,7 @@ class MemoryBuilder:
                     yield torch.cat(keys), torch.cat(values)
 
             o = self.options
-            radius = None if o.radius_quantile is None else RadiusSpec(o.radius_quantile, o.radius_scale, self.far,
+            radius = None if o.radius_quantile is None else RadiusSpec(o.radius_quantile, o.radius_scale, self.calibration,
                                                                         o.calibration_quantile)
             write_memory_streamed(self.out, {s.layer: (n, rows(s.layer)) for s in self.sites}, self.signature,
                                   build=settings, radius=radius)

@@ -66,8 +66,8 @@ class RadiusSpec:
 
     quantile: float  # of the keys' leave-one-out nearest-neighbour distances
     scale: float  # the radius as a multiple of that quantile
-    far: Mapping[int, torch.Tensor] | None = None  # layer -> (m, d) router inputs of text that is not this domain
-    far_quantile: float = 0.001  # ... the radius stays below this quantile of their distances to the nearest key
+    calibration: Mapping[int, torch.Tensor] | None = None  # layer -> (m, d) router inputs of text that is not this domain
+    calibration_quantile: float = 0.001  # ... the radius stays below this quantile of their distances to the nearest key
 
 
 def nearest_sq_dists(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,24 +89,24 @@ def nearest_sq_dists(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.T
 def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer: int | None = None) -> dict:
     """The sigma statistics and, when `radius` is given, the layer's confidence radius (raw and between
     L2-normalised keys): scale x the quantile of the keys' leave-one-out nearest-neighbour distance, capped, when
-    not-this-domain router inputs are given, at the far_quantile of their distances to the nearest key."""
+    not-this-domain router inputs are given, at the calibration_quantile of their distances to the nearest key."""
     dists = sampled_nn_sq_dists(keys_fp16)
     stats = {"mean_nn_sq_dist": None, "mean_nn_sq_dist_l2": None}
     if dists is not None:
         stats = {"mean_nn_sq_dist": float(dists[0].mean()), "mean_nn_sq_dist_l2": float(dists[1].mean())}
     if radius is None or dists is None:
         return stats
-    far = None
-    if radius.far is not None and len(radius.far[layer]):
-        far = nearest_sq_dists(radius.far[layer], keys_fp16)
+    calibration = None
+    if radius.calibration is not None and len(radius.calibration[layer]):
+        calibration = nearest_sq_dists(radius.calibration[layer], keys_fp16)
     for i, name in enumerate(("radius", "radius_l2")):
         r = radius.scale * float(torch.quantile(dists[i], radius.quantile).sqrt())
-        if far is not None:
-            cap = float(torch.quantile(far[i], radius.far_quantile).sqrt())
+        if calibration is not None:
+            cap = float(torch.quantile(calibration[i], radius.calibration_quantile).sqrt())
             if cap <= 0:
                 raise KnnMoeError(
                     f"layer {layer}: the calibration text lands on the memory's own keys (distance 0 at its "
-                    f"{radius.far_quantile} quantile), so no radius can keep it out: calibration must be text that "
+                    f"{radius.calibration_quantile} quantile), so no radius can keep it out: calibration must be text that "
                     "is NOT this memory's domain (e.g. another domain's training text), or drop calibration="
                 )
             stats[f"{name}_far_cap"] = cap
