@@ -173,18 +173,13 @@ def stock_routing(model, input_ids) -> tuple[dict, dict]:
     (n_tokens, d) and the router logits (n_tokens, E), detached copies."""
     import torch
 
+    from .core.hooks import Recorder, hooked_routers
     from .core.routers import find_routers
-    from .core.hooks import hooked_routers
 
-    inputs, logits = {}, {}
-
-    def record(site, h, z):
-        inputs[site.layer], logits[site.layer] = h.detach().clone(), z.detach().clone()
-        return z
-
-    with torch.no_grad(), hooked_routers(find_routers(model), record):
+    recorder = Recorder()
+    with torch.no_grad(), hooked_routers(find_routers(model), recorder):
         model(input_ids)
-    return inputs, logits
+    return ({l: h.clone() for l, h in recorder.inputs.items()}, {l: z.clone() for l, z in recorder.logits.items()})
 
 
 def router_inputs(model, input_ids) -> dict:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..errors import KnnMoeError
 from .files import DirectoryLock, is_leftover, remove_leftovers, save_tensors_atomic, sha256_file, write_json_atomic
 from .gradient import optimise_logits
-from .hooks import hooked_routers
+from .hooks import Recorder, hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
 from .options import BUILD_FIELDS, KnnMoeOptions
 from .routers import RouterSite
@@ -291,16 +291,11 @@ class MemoryBuilder:
             real = torch.zeros(len(batch), width, dtype=torch.bool)
             for i, t in enumerate(batch):
                 inputs[i, : len(t)], real[i, : len(t)] = torch.tensor(t), True
-            seen: dict[int, torch.Tensor] = {}
-
-            def record(site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-                seen[site.layer] = h
-                return z
-
-            with hooked_routers(self.sites, record):
+            recorder = Recorder()
+            with hooked_routers(self.sites, recorder):
                 self.model(inputs.to(device))
             rows = real.reshape(-1).to(device)
-            for layer, h in seen.items():
+            for layer, h in recorder.inputs.items():
                 kept[layer].append(h[rows].to("cpu", torch.float16))
             held += int(real.sum())
             bar.update(int(real.sum()))

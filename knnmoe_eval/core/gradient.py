@@ -44,7 +44,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .hooks import hooked_routers
+from .hooks import Recorder, hooked_routers
 from .routers import RouterSite
 
 
@@ -151,15 +151,10 @@ def shared_prefix(scored: torch.Tensor) -> int:
 @torch.no_grad()
 def _prefix_cache(model, sites, inputs: torch.Tensor) -> tuple[object, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """The stock forward of the shared prefix: its key/value cache, router inputs and logits per layer."""
-    h_seen, z_seen = {}, {}
-
-    def record(site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h_seen[site.layer], z_seen[site.layer] = h.detach(), z.detach().float()
-        return z
-
-    with hooked_routers(sites, record):
+    recorder = Recorder()
+    with hooked_routers(sites, recorder):
         out = model(inputs, use_cache=True)
-    return getattr(out, _cache_arg(model)), h_seen, z_seen
+    return getattr(out, _cache_arg(model)), recorder.inputs, {l: z.float() for l, z in recorder.logits.items()}
 
 
 def _cache_arg(model) -> str:

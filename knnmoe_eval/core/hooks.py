@@ -51,6 +51,21 @@ def routed_logits(out: torch.Tensor | Rerouted) -> torch.Tensor:
     return out.logits if isinstance(out, Rerouted) else out
 
 
+class Recorder:
+    """Hook transform that keeps, per layer, the router input h (n, d) and the logits (n, E) it routes by, after
+    `inner`'s answer if there is one (stock routing otherwise). Detached: what builds, tests and scripts read."""
+
+    def __init__(self, inner: Transform | None = None):
+        self.inner = inner
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor | Rerouted:
+        out = z if self.inner is None else self.inner(site, h, z)
+        self.inputs[site.layer], self.logits[site.layer] = h.detach(), routed_logits(out).detach()
+        return out
+
+
 def route(site: RouterSite, hidden_states: torch.Tensor, args: tuple, transform: Transform):
     """A transformers router's forward with `transform` between its logits and its gating (module docstring)."""
     h = hidden_states.reshape(-1, site.hidden_size)  # (n, d)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..core.hooks import Transform, hooked_routers, routed_logits
+from ..core.hooks import Recorder, Transform, hooked_routers
 from ..core.routers import RouterSite
 
 
@@ -32,26 +32,13 @@ def switch_load_balance(logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
     return z.shape[-1] * (f * probs.mean(0)).sum()
 
 
-class RoutedLogits:
-    """Hook transform that keeps every router's output logits, after an optional inner transform (retrieval)."""
-
-    def __init__(self, inner: Transform | None = None):
-        self.inner = inner
-        self.logits: dict[int, torch.Tensor] = {}
-
-    def __call__(self, site: RouterSite, h: torch.Tensor, z: torch.Tensor):
-        out = z if self.inner is None else self.inner(site, h, z)
-        self.logits[site.layer] = routed_logits(out).detach()
-        return out
-
-
 @torch.no_grad()
 def load_balance(model: torch.nn.Module, sites: Sequence[RouterSite], sequences: list[list[int]],
                  inner: Transform | None = None) -> list[float]:
     """The family's load-balancing loss of each token sequence, run alone under `inner`'s routing (stock if None).
     Every router must run (`find_routers` leaves out the frozen original that peft's modules_to_save keeps beside
     a router-only SFT's trained copy)."""
-    recorder = RoutedLogits(inner)
+    recorder = Recorder(inner)
     device = next(model.parameters()).device
     top_k = sites[0].top_k
     losses = []

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..core.build import RefSequence, pad_batch
 from ..core.files import write_json_atomic
-from ..core.hooks import hooked_routers
+from ..core.hooks import Recorder, hooked_routers
 from ..core.options import option, split_model_args
 from ..core.routers import RouterSite, find_routers
 from ..errors import KnnMoeError
@@ -149,15 +149,10 @@ class C3PO:
     @torch.no_grad()
     def initial_pathway(self, tokens: list[int]) -> dict[int, torch.Tensor]:
         """x's own router logits at its last token, in each critical layer: (E,) fp32 each."""
-        w0 = {}
-
-        def record(site, h, z):
-            w0[site.layer] = z[-1].detach().float()
-            return z
-
-        with hooked_routers(self.critical, record):
+        recorder = Recorder()
+        with hooked_routers(self.critical, recorder):
             self.model(torch.tensor([tokens], device=self.device))
-        return w0
+        return {layer: z[-1].float() for layer, z in recorder.logits.items()}
 
     def loss(self, w: dict[int, torch.Tensor], idx: list[int], weights: torch.Tensor) -> torch.Tensor:
         """L(w): the kernel-weighted mean NLL of the neighbours' gold answers, routed with w."""
