@@ -63,7 +63,7 @@ def test_route_op_passes_opcheck(tmp_path):
     """torch.library.opcheck on knnmoe::route routing a tiny HF model's router with a memory of its own states."""
     from transformers import AutoModelForCausalLM
 
-    from knnmoe_eval.core.families import find_routers
+    from knnmoe_eval.core.routers import find_routers
     from knnmoe_eval.core.memory import write_memory
     from knnmoe_eval.core.options import KnnMoeOptions
     from knnmoe_eval.core.retrieval import Retriever
