@@ -14,7 +14,7 @@ What is trained.
   the fused weights for OLMoE, Qwen3-MoE and Mixtral only. We name them for every family: `all-linear` plus
   `target_parameters` on the fused expert weights (one LoRA per expert, gate_up at rank 2r as peft's mapping
   does) and on the router weight. Biases and norms stay frozen.
-- `router`: the routers' weights and biases (`families.find_routers`) trained in full, nothing else. peft's
+- `router`: the routers' weights and biases (`routers.find_routers`) trained in full, nothing else. peft's
   `modules_to_save` holds a trainable copy of each router and saves it into the adapter; peft requires some
   adapter target, so the config names peft's own "dummy-target-modules" (the no-op target X-LoRA uses). Every
   other weight stays bit-identical.
