@@ -9,7 +9,8 @@ import pytest
 
 from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
-from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
+from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, METHODS, TABLE1, Runner, Settings, table
+from knnmoe_eval.errors import KnnMoeError
 from knnmoe_eval.testing import save_tiny, small_toy
 
 pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds and SFT on a toy
@@ -29,10 +30,32 @@ def toy_settings(toy_dir, out, **kw):
                     ref_limit=40, sft_epochs=1, bootstrap=200, batch_size=8, **kw)
 
 
+def test_methods_and_scoring_defaults_are_the_papers(capsys):
+    """--methods defaults to Table 1's rows (zero-shot always kept, the paper's order kept), 'all' is every method,
+    an unknown name is refused; --help lists every method on its own line; generative scoring is the default."""
+    assert Settings(pretrained="x").methods == TABLE1 == ("zero-shot", "5-shot", "lora", "router", "knn", "knn-ivfpq")
+    assert Settings(pretrained="x").scoring == "gen"
+    assert Settings(pretrained="x", methods=("all",)).methods == tuple(METHODS)
+    assert Settings(pretrained="x", methods=("c3po", "knn")).methods == ("zero-shot", "knn", "c3po")
+    with pytest.raises(KnnMoeError, match="unknown method.*'ivfpq'.*knn-ivfpq"):
+        Settings(pretrained="x", methods=("ivfpq",))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for key, (row, _) in METHODS.items():
+        assert sum(line.split()[:1] == [key] and f"{row}:" in line for line in lines) == 1, key
+    # the toys have no generative task: loglikelihood under either scoring; a paper benchmark follows the setting
+    assert BENCHMARKS["toy_shift"].test_task("gen") == BENCHMARKS["toy_shift"].test_task("loglik") == "knnmoe_toy_shift"
+    assert BENCHMARKS["gpqa"].test_task("gen") == "knnmoe_gpqa_gen" and BENCHMARKS["gpqa"].test_task("loglik") == "knnmoe_gpqa"
+    with pytest.raises(KnnMoeError, match="mbpp has no loglik"):
+        BENCHMARKS["mbpp"].test_task("loglik")
+
+
 def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
-    result = table(Runner(toy_settings(toy_dir, tmp_path)))
+    result = table(Runner(toy_settings(toy_dir, tmp_path, methods=("all",))))
     cells = result["table"]
     assert list(cells) == result["methods"] == TOY_METHODS and not result["errors"]
+    assert result["scoring"] == {"toy_shift": "loglik", "toy_indomain": "loglik"}  # the default gen: the toys' own
     for method, row in cells.items():
         assert list(row) == result["columns"] == ["toy_shift", "toy_indomain", "Avg."]
         assert [c["n"] for c in row.values()] == [12, 12, 24]
@@ -44,6 +67,7 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
     markdown = (tmp_path / "table.md").read_text()
     assert markdown.splitlines()[0] == "| Method | toy_shift | toy_indomain | Avg. |"
     assert all(f"| {m} |" in markdown for m in TOY_METHODS)
+    assert "Scored by multiple-choice loglikelihood: toy_shift, toy_indomain (the toys have no generative task)" in markdown
 
     # a second run evaluates, builds and trains nothing, and gives the same table, p-values included (seeded)
     def refuse(*args, **kwargs):
@@ -51,7 +75,7 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Runner, "_evaluate", refuse)
     monkeypatch.setattr("knnmoe_eval.experiments.sft.train_sft", lambda *a, **k: None)
-    again = table(Runner(toy_settings(toy_dir, tmp_path)))
+    again = table(Runner(toy_settings(toy_dir, tmp_path, methods=("all",))))
     assert again["table"] == cells
 
 
@@ -121,16 +145,19 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
 
 
 def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):
-    """The paper's scoring: generation + answer parsing, with the similarity 5-shot row, on the fixture data."""
+    """The runner's defaults: the paper's scoring (generation + answer parsing) and Table 1's methods, with the
+    similarity 5-shot row, on the fixture data."""
     monkeypatch.setenv("KNNMOE_FEWSHOT_ENCODER", "tfidf")
     # our re-ranked IVFPQ cannot train on 8 keys per layer: the row says so instead of failing the table
     monkeypatch.setattr(Runner, "knn_ivfpq", lambda self, bench: self.knn(bench, "knn-ivfpq", index="ivfpq_rerank"))
     model = save_tiny("olmoe", tmp_path / "model")
-    main(["table", "--pretrained", str(model), "--benchmarks", "gpqa,medmcqa", "--scoring", "gen", "--limit", "2",
+    main(["table", "--pretrained", str(model), "--benchmarks", "gpqa,medmcqa", "--limit", "2",
           "--ref_limit", "4", "--sft_epochs", "1", "--gen_kwargs", "max_gen_toks=4", "--bootstrap", "100",
           "--out", str(tmp_path / "out"), "--metadata", json.dumps({"data_dir": str(ROOT / "tests/fixtures/data")})])
     result = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert result["methods"] == TOY_METHODS[:1] + ["5-shot (similar)"] + TOY_METHODS[1:]
+    assert result["methods"] == [METHODS[m][0] for m in TABLE1] and result["scoring"] == {"gpqa": "gen", "medmcqa": "gen"}
+    for run in ("zero-shot", "knn"):  # every method generated its answers: the generative task ran
+        assert json.loads((tmp_path / "out" / "runs" / run / "gpqa.json").read_text())["config"]["task"] == "knnmoe_gpqa_gen"
     assert result["columns"] == ["gpqa", "medmcqa", "Avg."]
     assert all(set(row) == set(result["columns"]) for row in result["table"].values())
     assert set(result["errors"]) == {"kNN-MoE (IVFPQ) on gpqa", "kNN-MoE (IVFPQ) on medmcqa"}
