@@ -435,7 +435,12 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
                 raise KnnMoeError(f"{out / MANIFEST}: layer {layer} has {name}={r!r}, not a positive number; "
                                   "rebuild the memory")
-        stat_names = ("mean_nn_sq_dist", "mean_nn_sq_dist_l2", "radius", "radius_l2")
+        for name in ("mean_nn_dist", "mean_nn_dist_l2"):  # sigma=mean_nn's; absent from earlier memories
+            r = entry.get(name)
+            if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r >= 0):
+                raise KnnMoeError(f"{out / MANIFEST}: layer {layer} has {name}={r!r}, not a distance; "
+                                  "rebuild the memory")
+        stat_names = ("mean_nn_sq_dist", "mean_nn_sq_dist_l2", "mean_nn_dist", "mean_nn_dist_l2", "radius", "radius_l2")
         layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in stat_names if k in entry})
     return Memory(out, manifest, layers)
 
