@@ -125,8 +125,13 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
         assert [r["PPL bucket"] for r in rows] == ["High", "Mid", "Low"] and sum(r["items"] for r in rows) == 24
     if name == "latency":
         assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq", "none (C3PO)"}
+        for r in rows:  # the paper's Table 8 unit: 12 + 12 test items
+            assert r["ms per example"] == pytest.approx(1000 * r["eval s"] / 24) if r["eval s"] else r["ms per example"] is None
     if name == "cost":
         assert rows[-1]["method"] == "C3PO" and rows[-1]["build s"] > 0 and rows[-1]["eval s"] > 0
+        exact, ivfpq = rows[0], rows[1]  # the same memory; IVFPQ's build adds its index training (Table 7)
+        assert ivfpq["method"] == "kNN-MoE (IVFPQ)" and ivfpq["index s"] > 0 and exact["index s"] is None
+        assert ivfpq["build s"] == pytest.approx(exact["build s"] + ivfpq["index s"])
     if name == "load_balance":
         assert [r["method"] for r in rows] == ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE"]
         assert all(0 < r["Avg."] < 8 for r in rows)  # the toy: 8 experts, top-2 (balanced: 2)
