@@ -68,6 +68,7 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
     assert markdown.splitlines()[0] == "| Method | toy_shift | toy_indomain | Avg. |"
     assert all(f"| {m} |" in markdown for m in TOY_METHODS)
     assert "Scored by multiple-choice loglikelihood: toy_shift, toy_indomain (the toys have no generative task)" in markdown
+    assert "5-shot (similar) not run on toy_shift, toy_indomain: it is generative" in markdown  # asked for by all
 
     # a second run evaluates, builds and trains nothing, and gives the same table, p-values included (seeded)
     def refuse(*args, **kwargs):

@@ -57,6 +57,10 @@ class Benchmark:
         """The scoring this benchmark runs under: the requested one, except for a loglik-only benchmark (the toys)."""
         return "loglik" if self.loglik_only else requested
 
+    def runs_fewshot(self, scoring: str) -> bool:
+        """Whether the 5-shot row runs: it is generative, so only under gen scoring, where the benchmark has one."""
+        return self.scoring(scoring) == "gen" and self.fewshot is not None
+
     def test_task(self, scoring: str) -> str:
         scoring = self.scoring(scoring)
         task = self.gen if scoring == "gen" else self.test
@@ -405,7 +409,7 @@ class Runner:
                "knn-selective": lambda: self.selective(bench), "knn-dense": lambda: self.knn_dense(bench),
                "knn-plus": lambda: self.knn_plus(bench), "c3po": lambda: self.c3po(bench)}
         methods = {METHODS[m][0]: run[m] for m in self.settings.methods
-                   if m != "5-shot" or (bench.scoring(self.settings.scoring) == "gen" and bench.fewshot)}
+                   if m != "5-shot" or bench.runs_fewshot(self.settings.scoring)}
         rows = {}
         for name, evaluate in methods.items():
             try:
@@ -468,6 +472,10 @@ def table(runner: Runner) -> dict:
         notes.append(f"Scored by multiple-choice loglikelihood: {', '.join(loglik)}"
                      + (" (the toys have no generative task)" if s.scoring == "gen" else " (--scoring loglik)")
                      + "; the paper generates and parses answers.")
+    no_fewshot = [b for b in s.benchmarks if "5-shot" in s.methods and not BENCHMARKS[b].runs_fewshot(s.scoring)]
+    if no_fewshot:
+        notes.append(f"5-shot (similar) not run on {', '.join(no_fewshot)}: it is generative, and "
+                     + ("these benchmarks have no generative task." if s.scoring == "gen" else "--scoring is loglik."))
     from ..benchmarks.fewshot import QWEN3
 
     encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks
