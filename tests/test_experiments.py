@@ -46,7 +46,8 @@ def test_methods_and_scoring_defaults_are_the_papers(capsys):
         assert sum(line.split()[:1] == [key] and f"{row}:" in line for line in lines) == 1, key
     # the toys have no generative task: loglikelihood under either scoring; a paper benchmark follows the setting
     assert BENCHMARKS["toy_shift"].test_task("gen") == BENCHMARKS["toy_shift"].test_task("loglik") == "knnmoe_toy_shift"
-    assert BENCHMARKS["gpqa"].test_task("gen") == "knnmoe_gpqa_gen" and BENCHMARKS["gpqa"].test_task("loglik") == "knnmoe_gpqa"
+    gpqa = BENCHMARKS["gpqa"]
+    assert gpqa.test_task("gen") == "knnmoe_gpqa_gen" and gpqa.test_task("loglik") == "knnmoe_gpqa"
     with pytest.raises(KnnMoeError, match="mbpp has no loglik"):
         BENCHMARKS["mbpp"].test_task("loglik")
 
@@ -67,7 +68,8 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
     markdown = (tmp_path / "table.md").read_text()
     assert markdown.splitlines()[0] == "| Method | toy_shift | toy_indomain | Avg. |"
     assert all(f"| {m} |" in markdown for m in TOY_METHODS)
-    assert "Scored by multiple-choice loglikelihood: toy_shift, toy_indomain (the toys have no generative task)" in markdown
+    assert ("Scored by multiple-choice loglikelihood: toy_shift, toy_indomain (the toys have no generative task)"
+            in markdown)
     assert "5-shot (similar) not run on toy_shift, toy_indomain: it is generative" in markdown  # asked for by all
 
     # a second run evaluates, builds and trains nothing, and gives the same table, p-values included (seeded)
@@ -127,7 +129,8 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
     if name == "latency":
         assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq", "none (C3PO)"}
         for r in rows:  # the paper's Table 8 unit: 12 + 12 test items
-            assert r["ms per example"] == pytest.approx(1000 * r["eval s"] / 24) if r["eval s"] else r["ms per example"] is None
+            expected = None if r["eval s"] is None else pytest.approx(1000 * r["eval s"] / 24)
+            assert r["ms per example"] == expected
     if name == "cost":
         assert rows[-1]["method"] == "C3PO" and rows[-1]["build s"] > 0 and rows[-1]["eval s"] > 0
         exact, ivfpq = rows[0], rows[1]  # the same memory; IVFPQ's build adds its index training (Table 7)
@@ -161,9 +164,11 @@ def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):
           "--ref_limit", "4", "--sft_epochs", "1", "--gen_kwargs", "max_gen_toks=4", "--bootstrap", "100",
           "--out", str(tmp_path / "out"), "--metadata", json.dumps({"data_dir": str(ROOT / "tests/fixtures/data")})])
     result = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert result["methods"] == [METHODS[m][0] for m in TABLE1] and result["scoring"] == {"gpqa": "gen", "medmcqa": "gen"}
+    assert result["methods"] == [METHODS[m][0] for m in TABLE1]
+    assert result["scoring"] == {"gpqa": "gen", "medmcqa": "gen"}
     for run in ("zero-shot", "knn"):  # every method generated its answers: the generative task ran
-        assert json.loads((tmp_path / "out" / "runs" / run / "gpqa.json").read_text())["config"]["task"] == "knnmoe_gpqa_gen"
+        record = json.loads((tmp_path / "out" / "runs" / run / "gpqa.json").read_text())
+        assert record["config"]["task"] == "knnmoe_gpqa_gen"
     assert result["columns"] == ["gpqa", "medmcqa", "Avg."]
     assert all(set(row) == set(result["columns"]) for row in result["table"].values())
     assert set(result["errors"]) == {"kNN-MoE (IVFPQ) on gpqa", "kNN-MoE (IVFPQ) on medmcqa"}

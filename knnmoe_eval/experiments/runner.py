@@ -118,7 +118,8 @@ class Settings:
     methods: tuple[str, ...] = _opt(TABLE1, "table: which methods run, comma-separated, or 'all' (each listed below); "
                                     "the default is the paper's Table 1")
     scoring: str = _opt("gen", "gen: generation + the same answer parsing for every method (the paper's); loglik: "
-                        "multiple-choice loglikelihood (ours). The toys are loglik under both", choices=("gen", "loglik"))
+                        "multiple-choice loglikelihood (ours). The toys are loglik under both",
+                        choices=("gen", "loglik"))
     limit: int | None = _opt(None, "test items per benchmark")
     ref_limit: int | None = _opt(None, "references per benchmark (N); default: the benchmark's reference set")
     include_path: str = _opt(str(TASKS_DIR), "lm-eval --include_path of the tasks")
