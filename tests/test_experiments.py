@@ -9,7 +9,8 @@ import pytest
 
 from knnmoe_eval.experiments import ablations, toy
 from knnmoe_eval.experiments.cli import main
-from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, Runner, Settings, table
+from knnmoe_eval.experiments.runner import BENCHMARKS, DENSE, METHODS, TABLE1, Runner, Settings, table
+from knnmoe_eval.errors import KnnMoeError
 from knnmoe_eval.testing import save_tiny, small_toy
 
 pytestmark = pytest.mark.e2e  # every test here runs lm-eval evaluations, builds and SFT on a toy
@@ -29,10 +30,33 @@ def toy_settings(toy_dir, out, **kw):
                     ref_limit=40, sft_epochs=1, bootstrap=200, batch_size=8, **kw)
 
 
+def test_methods_and_scoring_defaults_are_the_papers(capsys):
+    """--methods defaults to Table 1's rows (zero-shot always kept, the paper's order kept), 'all' is every method,
+    an unknown name is refused; --help lists every method on its own line; generative scoring is the default."""
+    assert Settings(pretrained="x").methods == TABLE1 == ("zero-shot", "5-shot", "lora", "router", "knn", "knn-ivfpq")
+    assert Settings(pretrained="x").scoring == "gen"
+    assert Settings(pretrained="x", methods=("all",)).methods == tuple(METHODS)
+    assert Settings(pretrained="x", methods=("c3po", "knn")).methods == ("zero-shot", "knn", "c3po")
+    with pytest.raises(KnnMoeError, match="unknown method.*'ivfpq'.*knn-ivfpq"):
+        Settings(pretrained="x", methods=("ivfpq",))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for key, (row, _) in METHODS.items():
+        assert sum(line.split()[:1] == [key] and f"{row}:" in line for line in lines) == 1, key
+    # the toys have no generative task: loglikelihood under either scoring; a paper benchmark follows the setting
+    assert BENCHMARKS["toy_shift"].test_task("gen") == BENCHMARKS["toy_shift"].test_task("loglik") == "knnmoe_toy_shift"
+    gpqa = BENCHMARKS["gpqa"]
+    assert gpqa.test_task("gen") == "knnmoe_gpqa_gen" and gpqa.test_task("loglik") == "knnmoe_gpqa"
+    with pytest.raises(KnnMoeError, match="mbpp has no loglik"):
+        BENCHMARKS["mbpp"].test_task("loglik")
+
+
 def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
-    result = table(Runner(toy_settings(toy_dir, tmp_path)))
+    result = table(Runner(toy_settings(toy_dir, tmp_path, methods=("all",))))
     cells = result["table"]
     assert list(cells) == result["methods"] == TOY_METHODS and not result["errors"]
+    assert result["scoring"] == {"toy_shift": "loglik", "toy_indomain": "loglik"}  # the default gen: the toys' own
     for method, row in cells.items():
         assert list(row) == result["columns"] == ["toy_shift", "toy_indomain", "Avg."]
         assert [c["n"] for c in row.values()] == [12, 12, 24]
@@ -44,6 +68,9 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
     markdown = (tmp_path / "table.md").read_text()
     assert markdown.splitlines()[0] == "| Method | toy_shift | toy_indomain | Avg. |"
     assert all(f"| {m} |" in markdown for m in TOY_METHODS)
+    assert ("Scored by multiple-choice loglikelihood: toy_shift, toy_indomain (the toys have no generative task)"
+            in markdown)
+    assert "5-shot (similar) not run on toy_shift, toy_indomain: it is generative" in markdown  # asked for by all
 
     # a second run evaluates, builds and trains nothing, and gives the same table, p-values included (seeded)
     def refuse(*args, **kwargs):
@@ -51,7 +78,7 @@ def test_table_has_every_method_and_is_reused(toy_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Runner, "_evaluate", refuse)
     monkeypatch.setattr("knnmoe_eval.experiments.sft.train_sft", lambda *a, **k: None)
-    again = table(Runner(toy_settings(toy_dir, tmp_path)))
+    again = table(Runner(toy_settings(toy_dir, tmp_path, methods=("all",))))
     assert again["table"] == cells
 
 
@@ -101,8 +128,14 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
         assert [r["PPL bucket"] for r in rows] == ["High", "Mid", "Low"] and sum(r["items"] for r in rows) == 24
     if name == "latency":
         assert {r["index"] for r in rows} == {"none (zero-shot)", "exact", "ivfpq", "none (C3PO)"}
+        for r in rows:  # the paper's Table 8 unit: 12 + 12 test items
+            expected = None if r["eval s"] is None else pytest.approx(1000 * r["eval s"] / 24)
+            assert r["ms per example"] == expected
     if name == "cost":
         assert rows[-1]["method"] == "C3PO" and rows[-1]["build s"] > 0 and rows[-1]["eval s"] > 0
+        exact, ivfpq = rows[0], rows[1]  # the same memory; IVFPQ's build adds its index training (Table 7)
+        assert ivfpq["method"] == "kNN-MoE (IVFPQ)" and ivfpq["index s"] > 0 and exact["index s"] is None
+        assert ivfpq["build s"] == pytest.approx(exact["build s"] + ivfpq["index s"])
     if name == "load_balance":
         assert [r["method"] for r in rows] == ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE"]
         assert all(0 < r["Avg."] < 8 for r in rows)  # the toy: 8 experts, top-2 (balanced: 2)
@@ -121,16 +154,21 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
 
 
 def test_generative_table_with_similarity_fewshot(tmp_path, monkeypatch):
-    """The paper's scoring: generation + answer parsing, with the similarity 5-shot row, on the fixture data."""
+    """The runner's defaults: the paper's scoring (generation + answer parsing) and Table 1's methods, with the
+    similarity 5-shot row, on the fixture data."""
     monkeypatch.setenv("KNNMOE_FEWSHOT_ENCODER", "tfidf")
     # our re-ranked IVFPQ cannot train on 8 keys per layer: the row says so instead of failing the table
     monkeypatch.setattr(Runner, "knn_ivfpq", lambda self, bench: self.knn(bench, "knn-ivfpq", index="ivfpq_rerank"))
     model = save_tiny("olmoe", tmp_path / "model")
-    main(["table", "--pretrained", str(model), "--benchmarks", "gpqa,medmcqa", "--scoring", "gen", "--limit", "2",
+    main(["table", "--pretrained", str(model), "--benchmarks", "gpqa,medmcqa", "--limit", "2",
           "--ref_limit", "4", "--sft_epochs", "1", "--gen_kwargs", "max_gen_toks=4", "--bootstrap", "100",
           "--out", str(tmp_path / "out"), "--metadata", json.dumps({"data_dir": str(ROOT / "tests/fixtures/data")})])
     result = json.loads((tmp_path / "out" / "table.json").read_text())
-    assert result["methods"] == TOY_METHODS[:1] + ["5-shot (similar)"] + TOY_METHODS[1:]
+    assert result["methods"] == [METHODS[m][0] for m in TABLE1]
+    assert result["scoring"] == {"gpqa": "gen", "medmcqa": "gen"}
+    for run in ("zero-shot", "knn"):  # every method generated its answers: the generative task ran
+        record = json.loads((tmp_path / "out" / "runs" / run / "gpqa.json").read_text())
+        assert record["config"]["task"] == "knnmoe_gpqa_gen"
     assert result["columns"] == ["gpqa", "medmcqa", "Avg."]
     assert all(set(row) == set(result["columns"]) for row in result["table"].values())
     assert set(result["errors"]) == {"kNN-MoE (IVFPQ) on gpqa", "kNN-MoE (IVFPQ) on medmcqa"}

@@ -212,3 +212,15 @@ def test_fuzzed_memories_are_refused_or_harmless(setup, tmp_path):
         outcomes["harmless"] += 1
     assert outcomes["refused"] + outcomes["harmless"] == 300
     assert outcomes["refused"] >= 250, outcomes  # nearly every corruption touches checksummed bytes
+
+
+@pytest.mark.parametrize("field", ["mean_nn_sq_dist", "mean_nn_dist"])
+def test_a_resealed_integer_statistic_is_refused(setup, tmp_path, field):
+    """The sigma statistics are written as floats; a hand-edited integer in their place, even resealed, would move
+    the kernel (sigma=auto reads mean_nn_sq_dist, sigma=mean_nn mean_nn_dist), so loading refuses it."""
+    _, files, _ = setup
+    manifest = json.loads(files[MANIFEST])
+    manifest["layers"]["1"][field] = 7
+    mem = materialize(tmp_path / "mem", {**files, MANIFEST: encode(reseal(manifest))})
+    with pytest.raises(KnnMoeError, match=f"{field}.*(a float >= 0|not a distance)"):
+        load_memory(mem)

@@ -217,6 +217,13 @@ def index_nn_sq_dist(idx, keys: torch.Tensor, normalize: bool, seed: int = 0) ->
     """Mean squared distance from a key to its nearest other key as the index itself measures it (for `ivfpq`,
     in the PCA space between 8-bit codes): sigma=auto for an index whose distances are not the true ones, found
     the way memory.py finds the true statistic (the same seeded sample of keys); None below two keys."""
+    d2 = index_nn_sq_dists(idx, keys, normalize, seed)
+    return None if d2 is None or not len(d2) else float(d2.mean())
+
+
+def index_nn_sq_dists(idx, keys: torch.Tensor, normalize: bool, seed: int = 0) -> np.ndarray | None:
+    """The squared distances behind `index_nn_sq_dist`, float64, one per sampled key the index found a neighbour
+    for (sigma=auto takes their mean, sigma=mean_nn the mean of their roots); None below two keys."""
     n = keys.shape[0]
     if n < 2:
         return None
@@ -225,7 +232,7 @@ def index_nn_sq_dist(idx, keys: torch.Tensor, normalize: bool, seed: int = 0) ->
     # the key itself is usually first; an exact duplicate (or a code that decodes nearer) may come before it
     other = np.where(ids[:, 0] == rows, dist2[:, 1], dist2[:, 0])
     other = other[np.isfinite(other) & (ids.min(1) >= 0)]  # a probed list may hold fewer than 2 keys
-    return float(other.astype(np.float64).mean()) if len(other) else None
+    return other.astype(np.float64)
 
 
 def index_bytes(idx) -> int:

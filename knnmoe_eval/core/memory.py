@@ -84,8 +84,9 @@ _KINDS = {
              "a .safetensors file name inside the memory directory"),
     "float16": (lambda v: v == "float16", '"float16"'),
     "float32": (lambda v: v == "float32", '"float32"'),
-    "distance": (lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         and math.isfinite(v) and v >= 0), "a number >= 0, or null"),
+    # a statistic is always written as a float: an integer there is a hand edit that would move the kernel
+    "distance": (lambda v: v is None or (type(v) is float and math.isfinite(v) and v >= 0),
+                 "a float >= 0 (as the build writes it), or null"),
 }
 _SCHEMA = {
     "format": "text",
@@ -435,7 +436,12 @@ def load_memory(path: str | Path, verify: bool = True) -> Memory:
             if r is not None and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
                 raise KnnMoeError(f"{out / MANIFEST}: layer {layer} has {name}={r!r}, not a positive number; "
                                   "rebuild the memory")
-        stat_names = ("mean_nn_sq_dist", "mean_nn_sq_dist_l2", "radius", "radius_l2")
+        for name in ("mean_nn_dist", "mean_nn_dist_l2"):  # sigma=mean_nn's; absent from earlier memories
+            r = entry.get(name)
+            if r is not None and not (type(r) is float and math.isfinite(r) and r >= 0):
+                raise KnnMoeError(f"{out / MANIFEST}: layer {layer} has {name}={r!r}, not a distance (a float "
+                                  ">= 0, as the build writes it); rebuild the memory")
+        stat_names = ("mean_nn_sq_dist", "mean_nn_sq_dist_l2", "mean_nn_dist", "mean_nn_dist_l2", "radius", "radius_l2")
         layers[int(layer)] = LayerMemory(keys, values, {k: entry[k] for k in stat_names if k in entry})
     return Memory(out, manifest, layers)
 

@@ -65,7 +65,7 @@ class KnnMoeOptions:
     # retrieval and mixing
     k: int = _help("neighbours per token and layer (paper default)", default=1)
     similarity: str = _help("`rbf`, `rbf_l2` (RBF on L2-normalised vectors), `cosine`", default="rbf")
-    sigma: float | None = _help("RBF bandwidth; auto: 2σ² = the memory's mean squared nearest-neighbour distance", default=None, shown="auto")
+    sigma: float | str | None = _help("RBF bandwidth. The paper sets σ \"based on the average nearest neighbor distance\" without the formula; auto (our reading): 2σ² = the memory's mean squared nearest-neighbour distance; `mean_nn` (the other reading): σ = the mean nearest-neighbour distance, 2σ² = 2·(mean distance)²; or a number", default=None, shown="auto")
     max_distance: float | None = _help("λ = 0 beyond this distance (the exp kernel alone never reaches 0)", default=None, shown="off")
     confidence: str = _help("`kernel`: λ = mean similarity (the paper); `radius`: λ = share of the k neighbours within the layer's calibrated radius, and 0 for a token beyond its radius at an earlier MoE layer (needs a memory built with `radius_quantile`; beyond the paper)", default="kernel")
     index: str = _help("`exact` (fp16 keys, exact search: the paper's default), `ivfpq` (the paper's kNN-MoE (IVFPQ): PCA d/8, 8-bit scalar codes, nprobe 32, no re-rank), `ivfpq_rerank` (ours: 32-byte PQ codes, nprobe 8, re-ranked on the fp16 keys), `hnsw`, or a faiss factory string", default="exact")
@@ -118,8 +118,10 @@ class KnnMoeOptions:
             bad("k", "must be an integer >= 1")
         if self.similarity not in SIMILARITIES:
             bad("similarity", f"choose one of {', '.join(SIMILARITIES)}")
-        if self.sigma is not None and not (math.isfinite(self.sigma) and self.sigma > 0):
-            bad("sigma", "must be a positive number, or auto")
+        if isinstance(self.sigma, str) and self.sigma != "mean_nn":
+            bad("sigma", "choose auto, mean_nn or a positive number")
+        if isinstance(self.sigma, (int, float)) and not (math.isfinite(self.sigma) and self.sigma > 0):
+            bad("sigma", "must be a positive number, or auto, or mean_nn")
         if self.max_distance is not None and not (math.isfinite(self.max_distance) and self.max_distance > 0):
             bad("max_distance", "must be a positive number")
         if self.nprobe is not None and not (isinstance(self.nprobe, int) and self.nprobe >= 1):
@@ -202,6 +204,8 @@ def parse(f, value: Any, label: str) -> Any:
         try:
             number = float(value)
         except (TypeError, ValueError):
+            if "str" in kinds and isinstance(value, str):  # a number or a word (sigma=mean_nn): the field checks it
+                return value
             raise KnnMoeError(f"{label} {f.name}={value!r} is not a number") from None
         if "float" in kinds:
             return number

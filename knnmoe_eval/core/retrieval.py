@@ -69,7 +69,7 @@ class _LayerRetrieval:
         self.radius = mem.stats.get("radius_l2" if self.normalize else "radius")  # confidence=radius's cut-off
         # ivfpq returns its own distances (PCA space, 8-bit codes): its bandwidth is measured in that space
         in_index_space = None if self.plan.true_distances else (
-            lambda: knn_index.index_nn_sq_dist(self.cpu_index, mem.keys, self.normalize))
+            lambda: knn_index.index_nn_sq_dists(self.cpu_index, mem.keys, self.normalize))
         self.two_sigma2 = 1.0 if options.confidence == "radius" else two_sigma2(
             options.similarity, options.sigma, mem.stats, self.layer, memory.path, in_index_space)
 

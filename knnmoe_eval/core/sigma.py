@@ -1,8 +1,12 @@
 """The RBF bandwidth sigma: the memory's nearest-neighbour distance statistics, and the choice of 2 sigma^2.
 
-The paper sets sigma "heuristically based on the average nearest neighbor distance in the memory". Each layer's
-statistics are computed once when the memory is written (sampled queries, exact search) and stored in its
-manifest; `two_sigma2` turns them, or an explicit `sigma=`, into the kernel's 2 sigma^2 at load.
+The paper sets sigma "heuristically based on the average nearest neighbor distance in the memory", without the
+formula. Two readings: `sigma=auto` (the default, our reading) sets 2 sigma^2 = the mean *squared* nearest-neighbour
+distance, so a neighbour at the typical distance gets similarity e^-1; `sigma=mean_nn` sets sigma = the mean
+nearest-neighbour distance itself, so 2 sigma^2 = 2 (mean distance)^2 (a wider kernel: at the typical distance
+e^-1/2, less the spread of the distances). Each layer's statistics are computed once when the memory is written
+(sampled queries, exact search) and stored in its manifest; `two_sigma2` turns them, or an explicit `sigma=`, into
+the kernel's 2 sigma^2 at load.
 """
 
 from __future__ import annotations
@@ -93,7 +97,9 @@ def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer
     dists = sampled_nn_sq_dists(keys_fp16)
     stats = {"mean_nn_sq_dist": None, "mean_nn_sq_dist_l2": None}
     if dists is not None:
-        stats = {"mean_nn_sq_dist": float(dists[0].mean()), "mean_nn_sq_dist_l2": float(dists[1].mean())}
+        stats = {"mean_nn_sq_dist": float(dists[0].mean()), "mean_nn_sq_dist_l2": float(dists[1].mean()),
+                 # sigma=mean_nn's basis: the mean distance, not the root of the mean squared one
+                 "mean_nn_dist": float(dists[0].sqrt().mean()), "mean_nn_dist_l2": float(dists[1].sqrt().mean())}
     if radius is None or dists is None:
         return stats
     calibration = None
@@ -115,22 +121,35 @@ def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer
     return stats
 
 
-def two_sigma2(similarity: str, sigma: float | None, stats: dict, layer: int, path: Path,
-               in_index_space: Callable[[], float | None] | None = None) -> float:
-    """2 sigma^2 of one layer's kernel: 1 for cosine (no bandwidth), 2 sigma^2 for an explicit sigma, else the
-    layer's mean squared nearest-neighbour distance (between L2-normalised keys for rbf_l2), or, for an index
-    that returns its own distances rather than true ones, that mean as the index measures it."""
+MEAN_NN = "mean_nn"  # sigma's other reading: sigma = the mean nearest-neighbour distance
+
+
+def two_sigma2(similarity: str, sigma: float | str | None, stats: dict, layer: int, path: Path,
+               in_index_space: Callable[[], np.ndarray | None] | None = None) -> float:
+    """2 sigma^2 of one layer's kernel: 1 for cosine (no bandwidth), 2 sigma^2 for an explicit sigma; for
+    sigma=auto the layer's mean squared nearest-neighbour distance, for sigma=mean_nn 2 (mean distance)^2 (between
+    L2-normalised keys for rbf_l2); for an index that returns its own distances rather than true ones, those
+    statistics as the index measures them (`in_index_space`: the sampled keys' squared distances to their nearest
+    other key in the index)."""
     if similarity == "cosine":
         return 1.0
-    if sigma is not None:
+    if sigma is not None and sigma != MEAN_NN:
         return 2.0 * sigma**2
+    suffix = "_l2" if similarity != "rbf" else ""
     if in_index_space is not None:
-        stat = in_index_space()
+        d2 = in_index_space()
+        stat = None if d2 is None or not len(d2) else float(
+            np.sqrt(d2).mean() if sigma == MEAN_NN else d2.mean())
+    elif sigma == MEAN_NN:
+        if f"mean_nn_dist{suffix}" not in stats:
+            raise KnnMoeError(f"sigma=mean_nn needs the mean nearest-neighbour distance, which {path} (built by an "
+                              "earlier version) does not store; rebuild the memory, or use sigma=auto or a number")
+        stat = stats[f"mean_nn_dist{suffix}"]
     else:
-        stat = stats["mean_nn_sq_dist_l2" if similarity != "rbf" else "mean_nn_sq_dist"]
+        stat = stats[f"mean_nn_sq_dist{suffix}"]
     if not stat:
         raise KnnMoeError(
-            f"sigma=auto needs at least two distinct keys per layer, and layer {layer} of {path} has not; "
-            "pass sigma=<number>"
+            f"sigma={sigma or 'auto'} needs at least two distinct keys per layer, and layer {layer} of {path} has "
+            "not; pass sigma=<number>"
         )
-    return stat
+    return 2.0 * stat**2 if sigma == MEAN_NN else stat

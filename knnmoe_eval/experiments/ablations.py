@@ -107,8 +107,11 @@ def _ppl(runner, benches):
 
 
 def _cost(runner, benches):
-    """Build (or training) wall time and test-set evaluation wall time per method, summed over benchmarks."""
+    """Build (or training) wall time and test-set evaluation wall time per method, summed over benchmarks. The
+    IVFPQ row's build adds its index training (the paper's Table 7 counts it apart: "index s")."""
     rows = []
+    index_s = [_index_train_s(runner.memory(b)) for b in benches]
+    index_s = None if None in index_s else float(sum(index_s))
     for label, build, evaluate in (
         ("kNN-MoE", lambda b: _build_s(runner.memory(b)), lambda b: runner.knn(b)),
         ("kNN-MoE (IVFPQ)", lambda b: _build_s(runner.memory(b)), runner.knn_ivfpq),
@@ -124,9 +127,35 @@ def _cost(runner, benches):
             evals = [evaluate(b)["wall_s"] for b in benches] if evaluate else []
         except KnnMoeError:  # IVFPQ on a memory too small to train: the table run says why
             evals = []
-        rows.append({"method": label, "build s": None if None in builds else float(sum(builds)),
-                     "eval s": float(sum(evals)) if evals else None})
+        row = {"method": label, "build s": None if None in builds else float(sum(builds)),
+               "eval s": float(sum(evals)) if evals else None, "index s": None}
+        if label == "kNN-MoE (IVFPQ)":
+            row["index s"] = index_s
+            row["build s"] = None if None in (row["build s"], index_s) else row["build s"] + index_s
+        rows.append(row)
     return rows, "method", "build s", "bar"
+
+
+def _index_train_s(memory: Path) -> float | None:
+    """Seconds to train and fill the `ivfpq` index of every layer of `memory` (none saved is read), cached beside
+    the memory's build timing; None where the memory is too small to train one."""
+    from ..core import index as knn_index
+    from ..core.memory import load_memory
+
+    path = memory.parent / f"{memory.name}.ivfpq.json"
+    if path.exists():
+        return json.loads(path.read_text())["wall_s"]
+    layers = load_memory(memory).layers.values()
+    start = time.perf_counter()
+    try:
+        for layer in layers:
+            plan = knn_index.plan("ivfpq", layer.keys.shape[1], layer.keys.shape[0])
+            knn_index.build_index(layer.keys, plan.factory, plan.nprobe)
+    except KnnMoeError:
+        return None
+    wall = time.perf_counter() - start
+    write_json_atomic(path, {"wall_s": wall, "layers": len(layers)})
+    return wall
 
 
 def _build_s(memory: Path) -> float | None:
@@ -141,21 +170,25 @@ def _train_s(adapter: Path) -> float:
 def _latency(runner, benches):
     """Evaluation time and peak memory against N, exact and IVFPQ, timed afresh in this run (never cached)."""
     rows = []
-    zero_s, zero_mem = _timed(runner, benches, lambda b: runner.base)
-    rows.append({"N": 0, "index": "none (zero-shot)", "eval s": zero_s, "× zero-shot": 1.0, "peak MiB": zero_mem})
+    zero_s, zero_mem, items = _timed(runner, benches, lambda b: runner.base)
+    per_example = lambda s: 1000 * s / items  # noqa: E731 (the paper's Table 8 unit)
+    rows.append({"N": 0, "index": "none (zero-shot)", "eval s": zero_s, "ms per example": per_example(zero_s),
+                 "× zero-shot": 1.0, "peak MiB": zero_mem})
     for n in [v for v in runner.settings.n_values if v != 0]:  # None: the whole reference set
         for index in ("exact", "ivfpq"):
             memories = {b.name: runner.memory(b, n=n) for b in benches}
             row = {"N": n, "index": index, "keys per layer (all benchmarks)": _keys(memories)}
             try:
-                s, mem = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.settings.k, index=index))
-                rows.append({**row, "eval s": s, "× zero-shot": s / zero_s, "peak MiB": mem})
+                s, mem, _ = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.settings.k, index=index))
+                rows.append({**row, "eval s": s, "ms per example": per_example(s), "× zero-shot": s / zero_s,
+                             "peak MiB": mem})
             except KnnMoeError as e:  # e.g. IVFPQ on a memory too small to train
-                rows.append({**row, "eval s": None, "× zero-shot": None, "peak MiB": None, "note": str(e)})
+                rows.append({**row, "eval s": None, "ms per example": None, "× zero-shot": None, "peak MiB": None,
+                             "note": str(e)})
     # C3PO (Table 10) on the same footing: its per-input NGD is the price it pays at test time
-    s, mem = _timed(runner, benches, lambda b: runner.c3po_lm(runner.c3po_references(b)))
-    rows.append({"N": runner.settings.ref_limit, "index": "none (C3PO)", "eval s": s, "× zero-shot": s / zero_s,
-                 "peak MiB": mem})
+    s, mem, _ = _timed(runner, benches, lambda b: runner.c3po_lm(runner.c3po_references(b)))
+    rows.append({"N": runner.settings.ref_limit, "index": "none (C3PO)", "eval s": s, "ms per example": per_example(s),
+                 "× zero-shot": s / zero_s, "peak MiB": mem})
     return rows, "N", "× zero-shot", "latency"
 
 
@@ -164,10 +197,11 @@ def _keys(memories: dict) -> int:
                for m in memories.values())
 
 
-def _timed(runner, benches, make_lm) -> tuple[float, float | None]:
-    """Wall seconds of evaluating every benchmark's test task, and the process's peak memory meanwhile (CUDA: peak
-    allocated; CPU on Linux: peak resident set, reset first). Models, memories and tasks are loaded before the clock
-    starts, so the time is the evaluation's alone; their memory is inside the peak."""
+def _timed(runner, benches, make_lm) -> tuple[float, float | None, int]:
+    """Wall seconds of evaluating every benchmark's test task, the process's peak memory meanwhile (CUDA: peak
+    allocated by torch, which faiss-gpu's own allocations are not; CPU on Linux: peak resident set, reset first),
+    and the test items evaluated. Models, memories and tasks are loaded before the clock starts, so the time is the
+    evaluation's alone; their memory is inside the peak."""
     import torch
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import get_task_dict
@@ -178,15 +212,16 @@ def _timed(runner, benches, make_lm) -> tuple[float, float | None]:
     elif Path("/proc/self/clear_refs").exists():
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
     runs = [(make_lm(b), get_task_dict([b.test_task(runner.settings.scoring)], runner.task_manager)) for b in benches]
-    start = time.perf_counter()
+    start, items = time.perf_counter(), 0
     for lm, tasks in runs:
-        evaluate(lm, tasks, limit=runner.settings.limit, bootstrap_iters=0, verbosity="ERROR")
+        result = evaluate(lm, tasks, limit=runner.settings.limit, bootstrap_iters=0, verbosity="ERROR")
+        items += sum(count["effective"] for count in result["n-samples"].values())
     wall = time.perf_counter() - start
     if cuda:
-        return wall, torch.cuda.max_memory_allocated() / 2**20
+        return wall, torch.cuda.max_memory_allocated() / 2**20, items
     status = Path("/proc/self/status")
     peak = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
-    return wall, int(peak.group(1)) / 1024 if peak else None
+    return wall, int(peak.group(1)) / 1024 if peak else None, items
 
 
 def _unlabelled(runner, benches):

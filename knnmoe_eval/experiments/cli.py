@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 
 from . import ablations, runner
 from .ablations import ABLATIONS
-from .runner import Runner, Settings, table
+from .runner import METHODS, TABLE1, Runner, Settings, table
 
 
 def _parse(value: str, annotation: str):
@@ -30,7 +30,10 @@ def _parse(value: str, annotation: str):
 
 def parser() -> argparse.ArgumentParser:
     """`python -m knnmoe_eval.experiments`'s command line, one flag per `Settings` field."""
-    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.experiments", description=runner.__doc__,
+    width = max(map(len, METHODS))
+    epilog = "methods (--methods; * = the paper's Table 1, the default):\n" + "\n".join(
+        f"  {key:<{width}} {'*' if key in TABLE1 else ' '} {row}: {help}" for key, (row, help) in METHODS.items())
+    p = argparse.ArgumentParser(prog="python -m knnmoe_eval.experiments", description=runner.__doc__, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("table", "ablate"))
     p.add_argument("--which", default=",".join(ABLATIONS),

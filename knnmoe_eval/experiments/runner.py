@@ -3,7 +3,12 @@
     python -m knnmoe_eval.experiments table  --pretrained toy --benchmarks toy_shift,toy_indomain
     python -m knnmoe_eval.experiments ablate --pretrained toy --benchmarks toy_shift --which n,k,steps
     python -m knnmoe_eval.experiments table  --pretrained allenai/OLMoE-1B-7B-0125-Instruct \\
-        --benchmarks gpqa,medqa,medmcqa,mmlu,supergpqa,mbpp --scoring gen --allow_code_execution
+        --benchmarks gpqa,medqa,medmcqa,mmlu,supergpqa,mbpp --allow_code_execution
+
+Scoring is the paper's by default (`--scoring gen`: generation, then the same answer parsing for every method);
+`--scoring loglik` (multiple-choice loglikelihood) is ours, cheaper and free of parsing. The toy benchmarks have
+no generative task (their answer is one byte-level character after a 64-position context: multiple choice by
+loglikelihood is the toy's protocol), so they are scored by loglikelihood under either setting, and the table says so.
 
 Every run goes through lm-eval (`simple_evaluate` with `hf`, `hf` + `peft=`, or `hf-knnmoe`) with samples logged,
 so every method is scored per test item by the same task and the same answer parsing, and any two methods can be
@@ -46,8 +51,18 @@ class Benchmark:
     gen: str | None = None  # generative, the paper's scoring
     fewshot: str | None = None  # generative, 5 most similar references in the prompt
     ref_mc: str | None = None  # the references as multiple choice, for pseudo-labels
+    loglik_only: bool = False  # the toys: multiple choice by loglikelihood is their protocol (no generative task)
+
+    def scoring(self, requested: str) -> str:
+        """The scoring this benchmark runs under: the requested one, except for a loglik-only benchmark (the toys)."""
+        return "loglik" if self.loglik_only else requested
+
+    def runs_fewshot(self, scoring: str) -> bool:
+        """Whether the 5-shot row runs: it is generative, so only under gen scoring, where the benchmark has one."""
+        return self.scoring(scoring) == "gen" and self.fewshot is not None
 
     def test_task(self, scoring: str) -> str:
+        scoring = self.scoring(scoring)
         task = self.gen if scoring == "gen" else self.test
         if task is None:
             raise KnnMoeError(f"benchmark {self.name} has no {scoring} test task; use --scoring "
@@ -62,12 +77,30 @@ def _paper(name: str, mc: bool = True) -> Benchmark:
 
 BENCHMARKS = {
     **{name: _paper(name, split.multiple_choice) for name, split in BENCHMARK_SPLITS.items()},
-    # The toy's context window (64 positions) cannot hold five examples, so it has no 5-shot task.
+    # The toy's context window (64 positions) cannot hold five examples, so it has no 5-shot task; its answer is one
+    # character scored by loglikelihood (toy.py), so it has no generative task either.
     "toy_shift": Benchmark("toy_shift", ref="knnmoe_toy_shift_ref", test="knnmoe_toy_shift",
-                           ref_mc="knnmoe_toy_shift_ref_mc"),
+                           ref_mc="knnmoe_toy_shift_ref_mc", loglik_only=True),
     "toy_indomain": Benchmark("toy_indomain", ref="knnmoe_toy_indomain_ref", test="knnmoe_toy_indomain",
-                              ref_mc="knnmoe_toy_indomain_ref_mc"),
+                              ref_mc="knnmoe_toy_indomain_ref_mc", loglik_only=True),
 }
+
+
+# Every method the table can run: its --methods name, its row in the table, and one line of --help. In the paper's
+# order; TABLE1 are the rows of the paper's Table 1, the default.
+METHODS = {
+    "zero-shot": ("Zero-shot", "the stock model (always run: every † is against it)"),
+    "5-shot": ("5-shot (similar)", "the 5 most similar references in the prompt (generative scoring only)"),
+    "lora": ("LoRA SFT", "LoRA on every linear layer, trained on the references (Table 15)"),
+    "router": ("Router-only SFT", "only the routers trained on the references"),
+    "knn": ("kNN-MoE", "the memory, exact search (the paper's naive kNN-MoE)"),
+    "knn-ivfpq": ("kNN-MoE (IVFPQ)", "the same memory under index=ivfpq (PCA d/8, IVF, 8-bit codes, nprobe 32)"),
+    "knn-selective": ("kNN-MoE (Selective)", "retrieval off for the lowest-perplexity third (Table 3)"),
+    "knn-dense": ("kNN-MoE (grad=dense)", "a memory built with the dense-mixture gradient (ours)"),
+    "knn-plus": ("kNN-MoE (plus)", "preset=plus, our recipe (docs/plus.md)"),
+    "c3po": ("C3PO", "per-item test-time routing optimisation (Table 10; costly on large test sets)"),
+}
+TABLE1 = ("zero-shot", "5-shot", "lora", "router", "knn", "knn-ivfpq")
 
 
 def _opt(default, help: str, **kw):
@@ -82,8 +115,11 @@ class Settings:
     pretrained: str = _opt(None, "model path or hub id; 'toy' trains (or loads) the toy MoE", required=True)
     out: str = _opt("results/experiments", "where memories, adapters, per-item scores and tables are written")
     benchmarks: tuple[str, ...] = _opt(("toy_shift",), "benchmarks, comma-separated")
-    scoring: str = _opt("loglik", "loglik: multiple-choice loglikelihood; gen: generation + answer parsing (paper)",
-                        choices=("loglik", "gen"))
+    methods: tuple[str, ...] = _opt(TABLE1, "table: which methods run, comma-separated, or 'all' (each listed below); "
+                                    "the default is the paper's Table 1")
+    scoring: str = _opt("gen", "gen: generation + the same answer parsing for every method (the paper's); loglik: "
+                        "multiple-choice loglikelihood (ours). The toys are loglik under both",
+                        choices=("gen", "loglik"))
     limit: int | None = _opt(None, "test items per benchmark")
     ref_limit: int | None = _opt(None, "references per benchmark (N); default: the benchmark's reference set")
     include_path: str = _opt(str(TASKS_DIR), "lm-eval --include_path of the tasks")
@@ -127,6 +163,14 @@ class Settings:
             raise KnnMoeError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
         if self.scoring not in ("loglik", "gen"):
             raise KnnMoeError(f"--scoring {self.scoring!r}: choose loglik or gen")
+        if tuple(self.methods) in (("all",), (None,)):  # the command line reads 'all' in a list as None (n_values)
+            object.__setattr__(self, "methods", tuple(METHODS))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise KnnMoeError(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)}, or all")
+        if "zero-shot" not in self.methods:  # every significance mark and every Δ is against zero-shot
+            object.__setattr__(self, "methods", ("zero-shot", *self.methods))
+        object.__setattr__(self, "methods", tuple(m for m in METHODS if m in self.methods))  # the paper's order
 
 
 class Runner:
@@ -357,19 +401,16 @@ class Runner:
                            config={"references": references.name, "encoder": os.environ.get(ENCODER_ENV)})
 
     def methods(self, bench: Benchmark) -> dict[str, dict]:
-        """Table 1's rows for one benchmark, in the paper's order. A method that cannot run here (e.g. IVFPQ on a
+        """The table's rows for one benchmark (`--methods`, in the paper's order). 5-shot runs only under
+        generative scoring, where the benchmark has a 5-shot task. A method that cannot run here (e.g. IVFPQ on a
         memory too small to train it) gets {"error": why}, which the table prints under itself."""
-        methods = {"Zero-shot": lambda: self.zero_shot(bench)}
-        if self.settings.scoring == "gen" and bench.fewshot:
-            methods["5-shot (similar)"] = lambda: self.five_shot(bench)
-        methods["LoRA SFT"] = lambda: self.sft(bench, "lora")
-        methods["Router-only SFT"] = lambda: self.sft(bench, "router")
-        methods["kNN-MoE"] = lambda: self.knn(bench)
-        methods["kNN-MoE (IVFPQ)"] = lambda: self.knn_ivfpq(bench)
-        methods["kNN-MoE (Selective)"] = lambda: self.selective(bench)
-        methods["kNN-MoE (grad=dense)"] = lambda: self.knn_dense(bench)
-        methods["kNN-MoE (plus)"] = lambda: self.knn_plus(bench)
-        methods["C3PO"] = lambda: self.c3po(bench)
+        run = {"zero-shot": lambda: self.zero_shot(bench), "5-shot": lambda: self.five_shot(bench),
+               "lora": lambda: self.sft(bench, "lora"), "router": lambda: self.sft(bench, "router"),
+               "knn": lambda: self.knn(bench), "knn-ivfpq": lambda: self.knn_ivfpq(bench),
+               "knn-selective": lambda: self.selective(bench), "knn-dense": lambda: self.knn_dense(bench),
+               "knn-plus": lambda: self.knn_plus(bench), "c3po": lambda: self.c3po(bench)}
+        methods = {METHODS[m][0]: run[m] for m in self.settings.methods
+                   if m != "5-shot" or bench.runs_fewshot(self.settings.scoring)}
         rows = {}
         for name, evaluate in methods.items():
             try:
@@ -427,6 +468,15 @@ def table(runner: Runner) -> dict:
              f"{default('positions')}; k = {s.k}, similarity = {default('similarity')} (hf-knnmoe's defaults unless set).",
              f"kNN-MoE (plus): preset=plus ({', '.join(f'{k} = {v}' for k, v in PRESETS['plus'].items())}), "
              f"calibration text: {s.calibration or 'none'}; docs/plus.md."]
+    loglik = [b for b in s.benchmarks if BENCHMARKS[b].scoring(s.scoring) == "loglik"]
+    if loglik:
+        notes.append(f"Scored by multiple-choice loglikelihood: {', '.join(loglik)}"
+                     + (" (the toys have no generative task)" if s.scoring == "gen" else " (--scoring loglik)")
+                     + "; the paper generates and parses answers.")
+    no_fewshot = [b for b in s.benchmarks if "5-shot" in s.methods and not BENCHMARKS[b].runs_fewshot(s.scoring)]
+    if no_fewshot:
+        notes.append(f"5-shot (similar) not run on {', '.join(no_fewshot)}: it is generative, and "
+                     + ("these benchmarks have no generative task." if s.scoring == "gen" else "--scoring is loglik."))
     from ..benchmarks.fewshot import QWEN3
 
     encoders = {per_bench[b]["5-shot (similar)"].get("encoder") for b in s.benchmarks
@@ -435,6 +485,7 @@ def table(runner: Runner) -> dict:
         notes.append(f"5-shot (similar) chose its examples with {', '.join(map(str, sorted(encoders)))}, NOT the "
                      f"paper's {QWEN3} (not available locally).")
     result = {"settings": {**asdict(s), "pretrained": runner.pretrained}, "methods": methods,
+              "scoring": {b: BENCHMARKS[b].scoring(s.scoring) for b in s.benchmarks},
               "columns": [*s.benchmarks, "Avg."], "table": cells, "errors": errors, "notes": notes,
               "wall_s": {m: {b: per_bench[b][m].get("wall_s") for b in s.benchmarks if m in per_bench[b]}
                          for m in methods}}
