@@ -161,9 +161,15 @@ def test_a_full_disk_says_so_and_that_the_same_command_resumes(model, reference,
 
 
 def test_ctrl_c_says_that_the_same_command_resumes(model, tmp_path, monkeypatch, caplog):
-    on_second_shard(lambda: os.kill(os.getpid(), signal.SIGINT), monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        builder(model, tmp_path, shard_tokens=1).run(SEQS, pad_id=0, batch_size=2)
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background jobs (CI's, say) with
+    # SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        on_second_shard(lambda: os.kill(os.getpid(), signal.SIGINT), monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            builder(model, tmp_path, shard_tokens=1).run(SEQS, pad_id=0, batch_size=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "interrupted" in caplog.text and "rerun the same command to resume" in caplog.text
 
 
