@@ -122,12 +122,30 @@ def _route(lm, seqs, gen):
 
     prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
     runs = []
-    for params in (SamplingParams(max_tokens=1, prompt_logprobs=0), SamplingParams(max_tokens=gen, ignore_eos=True)):
+    # temperature=0: vLLM samples at temperature 1 by default, and a sampled token is no comparison
+    for params in (SamplingParams(max_tokens=1, prompt_logprobs=0),
+                   SamplingParams(max_tokens=gen, ignore_eos=True, temperature=0, logprobs=2)):
         lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))
         outs = lm.model.generate(prompts, params, use_tqdm=False)
         runs.append((outs, lm.model.collective_rpc("knnmoe_calls")[0],
                      lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))[0]))
     return runs
+
+
+def _greedy_agree(a, b, tol):
+    """Two greedy generations agree: each step's token is the same with logprobs within tol, or the steps are a
+    near-tie, where rounding within tol may pick either (|top-1 - top-2| <= 2 tol in both runs), and past it the
+    sequences are free to differ. Returns the number of tokens compared, so the caller can see it was not none."""
+    compared = 0
+    for ta, tb, la, lb in zip(a.token_ids, b.token_ids, a.logprobs, b.logprobs):
+        if ta != tb:
+            for lp in (la, lb):
+                assert ta in lp and tb in lp, f"tokens {ta} and {tb} are not both in the top 2: no near-tie"
+                assert abs(lp[ta].logprob - lp[tb].logprob) <= 2 * tol, f"{ta} vs {tb}: margin beyond rounding"
+            break
+        assert abs(la[ta].logprob - lb[tb].logprob) <= tol
+        compared += 1
+    return compared
 
 
 def _prompt_logprobs(outs):
@@ -190,7 +208,9 @@ def test_built_memory_agrees_with_hf_knnmoe_and_eager(family, olmoe_dir, tmp_pat
         for layer, d in e_diag.items():
             assert d["tokens"] == vllm_diag[layer]["tokens"]
             assert d["mean_lambda"] == pytest.approx(vllm_diag[layer]["mean_lambda"], abs=1e-5)
-        assert [o.outputs[0].token_ids for o in e_gen] == [o.outputs[0].token_ids for o in gen_outs]
+        compared = [_greedy_agree(e.outputs[0], c.outputs[0], 1e-4) for e, c in zip(e_gen, gen_outs)]
+        print(f"greedy tokens agreeing before any near-tie: {sum(compared)} of {gen * len(seqs)}")
+        assert sum(compared) >= gen * len(seqs) // 2  # near-ties are rare: most of the tokens were compared
 
 
 def test_plain_lm_eval_registry_finds_vllm_knnmoe():
