@@ -34,8 +34,20 @@ def _busy_seconds() -> float | None:
 
 
 def _own_seconds() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    """CPU seconds of this process and every descendant, live or reaped: a vLLM engine's core and worker processes
+    are this measurement's own work, not other processes' load."""
+    import psutil  # accelerate's dependency, so installed wherever the package is
+
+    me = psutil.Process()
+    t = me.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+        except psutil.Error:  # it exited meanwhile
+            continue
+        total += c.user + c.system
+    return total
 
 
 class Load:

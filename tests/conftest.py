@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from knnmoe_eval.core.families import FAMILIES
-from knnmoe_eval.testing import save_tiny
+from knnmoe_eval.testing import make_tiny_model, router_inputs, save_tiny, write_constant_memory
+
+IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))  # the `mem` fixture's tokens
 
 
 def pytest_report_header(config):
@@ -35,3 +37,15 @@ def tiny_dir(tmp_path_factory):
 def olmoe_dir(tiny_dir):
     return tiny_dir("olmoe")
 
+
+
+@pytest.fixture
+def model():
+    return make_tiny_model("olmoe")
+
+
+@pytest.fixture
+def mem(tmp_path, model):
+    """A memory of `model`'s own router inputs on IDS (so those tokens are near it) with seeded values."""
+    values = lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10  # noqa: E731
+    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, IDS), values)

@@ -16,11 +16,10 @@ from knnmoe_eval import KnnMoeError, attach
 from knnmoe_eval.core.card import CARD, render_card
 from knnmoe_eval.core.hub import push_memory, push_operations, resolve_memory, split_hub_id
 from knnmoe_eval.core.memory import MANIFEST, MANIFEST_SHA256
-from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
+from knnmoe_eval.testing import make_tiny_model
 
 TASKS = str(Path(__file__).parent / "fixtures" / "tasks")  # the tinyqa fixture tasks
 
-IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 QUERY = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(1))
 LFS = (".safetensors", ".faiss")  # stored as LFS blobs on the Hub: the cache names them by sha256
 
@@ -54,16 +53,6 @@ def pushed(ops) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture
-def model():
-    return make_tiny_model("olmoe")
-
-
-@pytest.fixture
-def memory(tmp_path, model):
-    values = lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10  # noqa: E731
-    return write_constant_memory(tmp_path / "built", model, router_inputs(model, IDS), values)
-
 
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch):
@@ -77,8 +66,8 @@ def offline_cache(tmp_path, monkeypatch):
     return cache
 
 
-def outputs(model, memory, **options):
-    with torch.no_grad(), attach(model, memory, **options):
+def outputs(model, mem, **options):
+    with torch.no_grad(), attach(model, mem, **options):
         return model(QUERY).logits
 
 
@@ -92,10 +81,10 @@ def test_which_names_can_be_hub_ids(name, expected):
     assert split_hub_id(name) == expected
 
 
-def test_the_hub_layout_written_here_is_the_one_huggingface_hub_reads(memory, offline_cache):
+def test_the_hub_layout_written_here_is_the_one_huggingface_hub_reads(mem, offline_cache):
     from huggingface_hub import scan_cache_dir
 
-    commit = write_hub_cache(offline_cache, "org/mem", pushed(push_operations(memory, "org/mem")), ("main", "v1"))
+    commit = write_hub_cache(offline_cache, "org/mem", pushed(push_operations(mem, "org/mem")), ("main", "v1"))
     info = scan_cache_dir(offline_cache)
     assert not info.warnings
     (repo,) = info.repos
@@ -104,10 +93,10 @@ def test_the_hub_layout_written_here_is_the_one_huggingface_hub_reads(memory, of
     assert {f.file_name for f in rev.files} == {MANIFEST, CARD, "layer_000.safetensors", "layer_001.safetensors"}
 
 
-def test_a_memory_loads_by_hub_id_from_the_offline_cache_pinned_to_its_commit(model, memory, offline_cache):
-    ops = push_operations(memory, "org/mem") + push_operations(memory, "org/mem", path_in_repo="olmoe/v2")
+def test_a_memory_loads_by_hub_id_from_the_offline_cache_pinned_to_its_commit(model, mem, offline_cache):
+    ops = push_operations(mem, "org/mem") + push_operations(mem, "org/mem", path_in_repo="olmoe/v2")
     commit = write_hub_cache(offline_cache, "org/mem", pushed(ops), ("main", "v1"))
-    local = outputs(model, memory)
+    local = outputs(model, mem)
     with torch.no_grad():
         assert not torch.equal(model(QUERY).logits, local)  # the memory is in play: equal outputs mean something
     snapshot = offline_cache / "models--org--mem" / "snapshots" / commit
@@ -120,17 +109,17 @@ def test_a_memory_loads_by_hub_id_from_the_offline_cache_pinned_to_its_commit(mo
                                                   "revision": "main", "commit": commit, "path": str(snapshot)}
 
 
-def test_a_local_directory_wins_over_a_hub_repo_of_the_same_name(model, memory, offline_cache, tmp_path,
+def test_a_local_directory_wins_over_a_hub_repo_of_the_same_name(model, mem, offline_cache, tmp_path,
                                                                   monkeypatch):
-    write_hub_cache(offline_cache, "org/mem", pushed(push_operations(memory, "org/mem")))
+    write_hub_cache(offline_cache, "org/mem", pushed(push_operations(mem, "org/mem")))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org").mkdir()
-    (tmp_path / "org" / "mem").symlink_to(memory)
+    (tmp_path / "org" / "mem").symlink_to(mem)
     assert resolve_memory("org/mem").record() == {"source": "local", "path": "org/mem"}
 
 
-def test_missing_repo_revision_or_subfolder_is_named(memory, offline_cache):
-    write_hub_cache(offline_cache, "org/mem", pushed(push_operations(memory, "org/mem")))
+def test_missing_repo_revision_or_subfolder_is_named(mem, offline_cache):
+    write_hub_cache(offline_cache, "org/mem", pushed(push_operations(mem, "org/mem")))
     with pytest.raises(KnnMoeError, match=r"memory=org/none: there is no local directory.*Hub repo 'org/none' has "
                                           r"no cached snapshot for revision 'main', and HF_HUB_OFFLINE is set"):
         resolve_memory("org/none")
@@ -141,8 +130,8 @@ def test_missing_repo_revision_or_subfolder_is_named(memory, offline_cache):
         resolve_memory("org/mem/sub")
 
 
-def test_everything_loading_checks_still_runs_on_the_downloaded_files(model, memory, offline_cache):
-    files = pushed(push_operations(memory, "org/mem"))
+def test_everything_loading_checks_still_runs_on_the_downloaded_files(model, mem, offline_cache):
+    files = pushed(push_operations(mem, "org/mem"))
     layer = bytearray(files["layer_001.safetensors"])
     layer[-3] ^= 1  # a flipped bit in a value: only the checksum can see it
     write_hub_cache(offline_cache, "org/bad", {**files, "layer_001.safetensors": bytes(layer)})
@@ -161,42 +150,42 @@ def test_the_harness_reports_a_missing_repo_and_revision(olmoe_dir, offline_cach
         KnnMoeLM(pretrained=olmoe_dir, memory="org/none", memory_revision="v3", device="cpu")
 
 
-def test_the_push_commit_holds_the_memory_its_indexes_and_a_card_naming_the_repo(memory, tmp_path):
+def test_the_push_commit_holds_the_memory_its_indexes_and_a_card_naming_the_repo(mem, tmp_path):
     from knnmoe_eval.memory_cli import main
 
-    assert main(["index", str(memory), "--index", "IVF2,Flat"]) == 0
-    (memory / "index" / "stray.tmp123").write_bytes(b"half a file")  # never uploaded
-    ops = push_operations(memory, "org/mem", path_in_repo="olmoe")
+    assert main(["index", str(mem), "--index", "IVF2,Flat"]) == 0
+    (mem / "index" / "stray.tmp123").write_bytes(b"half a file")  # never uploaded
+    ops = push_operations(mem, "org/mem", path_in_repo="olmoe")
     files = pushed(ops)
-    index_files = sorted(p.relative_to(memory).as_posix() for p in (memory / "index").glob("*.faiss*"))
+    index_files = sorted(p.relative_to(mem).as_posix() for p in (mem / "index").glob("*.faiss*"))
     assert len(index_files) == 4
     assert sorted(files) == sorted(f"olmoe/{f}" for f in [MANIFEST, CARD, "layer_000.safetensors",
                                                          "layer_001.safetensors", *index_files])
     for name, data in files.items():
         if not name.endswith(CARD):
-            assert data == (memory / name.removeprefix("olmoe/")).read_bytes()
-    manifest = json.loads((memory / MANIFEST).read_text())
+            assert data == (mem / name.removeprefix("olmoe/")).read_bytes()
+    manifest = json.loads((mem / MANIFEST).read_text())
     assert files["olmoe/" + CARD].decode() == render_card(manifest, "org/mem")
     assert "memory=org/mem" in files["olmoe/" + CARD].decode()
     # a card someone edited is pushed as it is
-    (memory / CARD).write_text("# my own words\n")
-    assert pushed(push_operations(memory, "org/mem"))[CARD] == b"# my own words\n"
+    (mem / CARD).write_text("# my own words\n")
+    assert pushed(push_operations(mem, "org/mem"))[CARD] == b"# my own words\n"
 
 
-def test_push_refuses_a_corrupted_memory_and_an_offline_hub(memory, offline_cache):
+def test_push_refuses_a_corrupted_memory_and_an_offline_hub(mem, offline_cache):
     with pytest.raises(KnnMoeError, match="HF_HUB_OFFLINE is set"):
-        push_memory(memory, "org/mem")  # huggingface_hub's own offline guard, before any byte leaves
-    data = bytearray((memory / "layer_000.safetensors").read_bytes())
+        push_memory(mem, "org/mem")  # huggingface_hub's own offline guard, before any byte leaves
+    data = bytearray((mem / "layer_000.safetensors").read_bytes())
     data[-1] ^= 1
-    (memory / "layer_000.safetensors").write_bytes(bytes(data))
+    (mem / "layer_000.safetensors").write_bytes(bytes(data))
     with pytest.raises(KnnMoeError, match="truncated or corrupted"):
-        push_operations(memory, "org/mem")
+        push_operations(mem, "org/mem")
 
 
 @pytest.mark.e2e
-def test_plain_lm_eval_loads_a_memory_by_hub_id_offline_and_records_the_commit(olmoe_dir, memory, tmp_path):
+def test_plain_lm_eval_loads_a_memory_by_hub_id_offline_and_records_the_commit(olmoe_dir, mem, tmp_path):
     hf_home = tmp_path / "hf"
-    commit = write_hub_cache(hf_home / "hub", "org/mem", pushed(push_operations(memory, "org/mem")), ("main", "v1"))
+    commit = write_hub_cache(hf_home / "hub", "org/mem", pushed(push_operations(mem, "org/mem")), ("main", "v1"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HUB_CACHE", None)
     cmd = [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf-knnmoe",
@@ -206,7 +195,7 @@ def test_plain_lm_eval_loads_a_memory_by_hub_id_offline_and_records_the_commit(o
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results,) = list((tmp_path / "out").rglob("results_*.json"))
     knnmoe = json.loads(results.read_text())["config"]["knnmoe"]
-    manifest = json.loads((memory / MANIFEST).read_text())
+    manifest = json.loads((mem / MANIFEST).read_text())
     assert knnmoe["memory"] == {"source": "hub", "repo_id": "org/mem", "subfolder": None, "revision": "v1",
                                 "commit": commit, MANIFEST_SHA256: manifest[MANIFEST_SHA256],
                                 "path": str(hf_home / "hub" / "models--org--mem" / "snapshots" / commit)}

@@ -200,6 +200,43 @@ def test_right_padded_loglikelihood_batches_search_and_count_only_real_tokens(ol
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and greedy_a == greedy_b
 
 
+def test_two_models_scoring_in_two_threads_each_mask_their_own_padding(olmoe_dir, tmp_path):
+    """The batch lengths pass from lm-eval's padding to our model call through a context variable: two hf-knnmoe
+    instances scoring at once in two threads (each forward waits for the other's) each search exactly their own real
+    tokens, run after run."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModelForCausalLM
+
+    from knnmoe_eval.harness.lm import KnnMoeLM
+
+    model = AutoModelForCausalLM.from_pretrained(olmoe_dir)
+    seqs = {w: [torch.randint(4, 250, (n,), generator=torch.Generator().manual_seed(w * 100 + n)).tolist()
+                for n in lengths] for w, lengths in enumerate([(12, 5, 9, 3), (4, 11, 6, 10)])}
+    mem = write_constant_memory(tmp_path / "mem", model, router_inputs(model, torch.tensor([seqs[0][0]])),
+                                lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10)
+    lms = [KnnMoeLM(pretrained=olmoe_dir, memory=str(mem), device="cpu", batch_size=4) for _ in seqs]
+    together = threading.Barrier(2, timeout=60)  # every forward of one waits for the other's: both are mid-batch
+
+    def wait(module, args):
+        together.wait()
+
+    for lm in lms:
+        lm.model.register_forward_pre_hook(wait)
+
+    def score(w):
+        requests = [((f"doc {i}", ""), s[:-2], s[-2:]) for i, s in enumerate(seqs[w])]
+        for _ in range(5):
+            lms[w]._loglikelihood_tokens(requests)
+        return {layer: d["tokens"] for layer, d in lms[w].retriever.diagnostics().items()}
+
+    with ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(score, seqs))
+    for w, got in enumerate(counts):
+        assert set(got.values()) == {5 * sum(len(s) - 1 for s in seqs[w])}
+
+
 @pytest.mark.e2e
 @pytest.mark.equivalence
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

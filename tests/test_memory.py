@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import IDS
 from safetensors.torch import save_file
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
@@ -12,18 +13,6 @@ from knnmoe_eval.core.files import sha256_file
 from knnmoe_eval.core.memory import MANIFEST_SHA256, manifest_digest, write_memory
 from knnmoe_eval.core.options import KnnMoeOptions, split_model_args
 from knnmoe_eval.testing import make_tiny_model, router_inputs, signature, write_constant_memory
-
-IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def model():
-    return make_tiny_model("olmoe")
-
-
-@pytest.fixture
-def mem(tmp_path, model):
-    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, IDS), lambda l, n, e: torch.randn(n, e))
 
 
 def test_round_trip_keeps_fp16_keys_fp32_values_and_sigma_stats(mem, model):

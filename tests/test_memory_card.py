@@ -5,26 +5,14 @@ import json
 
 import pytest
 import torch
+from conftest import IDS
 from test_build import builder
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
 from knnmoe_eval.core import memory as memory_module
 from knnmoe_eval.core.card import CARD, render_card
 from knnmoe_eval.core.memory import MANIFEST, MANIFEST_SHA256, manifest_digest
-from knnmoe_eval.testing import make_tiny_model, random_references, router_inputs, write_constant_memory
-
-IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture
-def model():
-    return make_tiny_model("olmoe")
-
-
-@pytest.fixture
-def mem(tmp_path, model):
-    values = lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10  # noqa: E731
-    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, IDS), values)
+from knnmoe_eval.testing import random_references
 
 
 def card_data(text: str) -> dict:

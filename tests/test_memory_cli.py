@@ -16,21 +16,9 @@ from knnmoe_eval import attach
 from knnmoe_eval.core.hub import push_operations
 from knnmoe_eval.core.memory import MANIFEST
 from knnmoe_eval.memory_cli import main
-from knnmoe_eval.testing import make_tiny_model, router_inputs, write_constant_memory
 
-IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 QUERY = torch.randint(4, 250, (2, 10), generator=torch.Generator().manual_seed(1))
 
-
-@pytest.fixture
-def model():
-    return make_tiny_model("olmoe")
-
-
-@pytest.fixture
-def mem(tmp_path, model):
-    values = lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10  # noqa: E731
-    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, IDS), values)
 
 
 def test_inspect_prints_the_manifest_and_each_layers_size(mem, capsys):

@@ -102,8 +102,9 @@ def _hooked_forward(site: RouterSite, transform: Transform, calls: Counter):
 
 
 @contextmanager
-def hooked_routers(sites: Sequence[RouterSite], transform: Transform, check_fired: bool = True) -> Iterator[Counter]:
-    """Route transformers `sites` through `transform` inside the with-block; yields the calls per layer so far."""
+def hooked_routers(sites: Sequence[RouterSite], transform: Transform, check_fired: bool = True) -> Iterator[None]:
+    """Route transformers `sites` through `transform` inside the with-block; on leaving it, a router that never ran
+    (check_fired) is an error, since the MoE forward then went around the door."""
     calls = Counter({site.layer: 0 for site in sites})
     installed = []  # only these are ours to remove: a refused nested hook leaves the outer context's in place
     try:
@@ -112,7 +113,7 @@ def hooked_routers(sites: Sequence[RouterSite], transform: Transform, check_fire
                 raise KnnMoeError(f"router {site.name} is already hooked: kNN-MoE hooks cannot be nested")
             site.module.forward = _hooked_forward(site, transform, calls)
             installed.append(site)
-        yield calls
+        yield
     finally:
         for site in installed:
             del site.module.forward

@@ -15,7 +15,7 @@ import difflib
 import math
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import partial
 from typing import Any, Literal, get_args
 
@@ -35,11 +35,19 @@ class _Unset:
 UNSET = _Unset()
 
 
-def option(text: str, default: Any, presets: bool = False, shown: str | None = None) -> Any:
-    """A dataclass field with its help text and default; `presets`: a preset may set it (KnnMoeOptions); `shown`:
-    how the option table names the default (`auto` for a None that means "the package decides")."""
-    meta = {"help": text, "default": default, "shown": shown}
-    return field(default=UNSET if presets else default, metadata=meta)
+def option(text: str, default: Any = MISSING, presets: bool = False, shown: str | None = None, **argparse: Any) -> Any:
+    """A dataclass field with its help text and default, for the model_args here and the experiments' command
+    line: `presets`, a preset may set it (KnnMoeOptions); `shown`, how the option table names the default (`auto`
+    for a None that means "the package decides"); `argparse`, what a command line adds to the flag (choices,
+    required, nargs). No default: a required field. A dict or list default is copied for each instance."""
+    meta = {"help": text, "default": default, "shown": shown, "argparse": argparse}
+    if presets:
+        return field(default=UNSET, metadata=meta)
+    if default is MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 _help = partial(option, presets=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 from . import ablations, runner
 from .ablations import ABLATIONS
@@ -39,9 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--which", default=",".join(ABLATIONS),
                    help=f"ablate: comma-separated, from {', '.join(ABLATIONS)}")
     for f in fields(Settings):
-        meta = dict(f.metadata)
-        default_shown = f.default if f.default is not MISSING else f.default_factory()
-        kw = {"help": f"{meta.pop('help')} (default: {default_shown})", **meta}
+        kw = {"help": f"{f.metadata['help']} (default: {f.metadata['default']})", **f.metadata["argparse"]}
         if str(f.type).startswith("bool") and "nargs" not in kw:
             kw["action"] = "store_true"
         elif "nargs" in kw:

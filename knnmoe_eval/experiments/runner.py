@@ -23,14 +23,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..benchmarks.data import BENCHMARK_SPLITS
 from ..core.files import write_json_atomic
-from ..core.options import PRESETS, default
+from ..core.options import PRESETS, default, option
 from ..errors import KnnMoeError
 from .significance import paired_bootstrap
 
@@ -103,59 +103,53 @@ METHODS = {
 TABLE1 = ("zero-shot", "5-shot", "lora", "router", "knn", "knn-ivfpq")
 
 
-def _opt(default, help: str, **kw):
-    """A setting's default and its --help line (the command line is generated from these, as peft's configs)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class Settings:
-    pretrained: str = _opt(None, "model path or hub id; 'toy' trains (or loads) the toy MoE", required=True)
-    out: str = _opt("results/experiments", "where memories, adapters, per-item scores and tables are written")
-    benchmarks: tuple[str, ...] = _opt(("toy_shift",), "benchmarks, comma-separated")
-    methods: tuple[str, ...] = _opt(TABLE1, "table: which methods run, comma-separated, or 'all' (each listed below); "
-                                    "the default is the paper's Table 1")
-    scoring: str = _opt("gen", "gen: generation + the same answer parsing for every method (the paper's); loglik: "
-                        "multiple-choice loglikelihood (ours). The toys are loglik under both",
+    pretrained: str = option("model path or hub id; 'toy' trains (or loads) the toy MoE", None, required=True)
+    out: str = option("where memories, adapters, per-item scores and tables are written", "results/experiments")
+    benchmarks: tuple[str, ...] = option("benchmarks, comma-separated", ("toy_shift",))
+    methods: tuple[str, ...] = option("table: which methods run, comma-separated, or 'all' (each listed below); "
+                                    "the default is the paper's Table 1", TABLE1)
+    scoring: str = option("gen: generation + the same answer parsing for every method (the paper's); loglik: "
+                        "multiple-choice loglikelihood (ours). The toys are loglik under both", "gen",
                         choices=("gen", "loglik"))
-    limit: int | None = _opt(None, "test items per benchmark")
-    ref_limit: int | None = _opt(None, "references per benchmark (N); default: the benchmark's reference set")
-    include_path: str = _opt(str(TASKS_DIR), "lm-eval --include_path of the tasks")
-    metadata: dict = _opt({}, 'JSON passed to the tasks, e.g. \'{"data_dir": "..."}\'')
-    device: str = _opt("cpu", "lm-eval device")
-    dtype: str = _opt("auto", "model dtype")
-    batch_size: int = _opt(32, "lm-eval batch size of every run")
-    parallelize: bool = _opt(False, "shard a model too large for one GPU over all visible GPUs (hf's parallelize)")
+    limit: int | None = option("test items per benchmark", None)
+    ref_limit: int | None = option("references per benchmark (N); default: the benchmark's reference set", None)
+    include_path: str = option("lm-eval --include_path of the tasks", str(TASKS_DIR))
+    metadata: dict = option('JSON passed to the tasks, e.g. \'{"data_dir": "..."}\'', {})
+    device: str = option("lm-eval device", "cpu")
+    dtype: str = option("model dtype", "auto")
+    batch_size: int = option("lm-eval batch size of every run", 32)
+    parallelize: bool = option("shard a model too large for one GPU over all visible GPUs (hf's parallelize)", False)
     # the build's defaults are hf-knnmoe's (options.py), never restated here
-    eta: float = _opt(default("eta"), f"build step size (hf-knnmoe's default {default('eta'):g})")
-    k: int = _opt(default("k"), "neighbours per token and layer")
-    steps: int = _opt(default("steps"), "build gradient steps T")
-    apply_chat_template: bool | str = _opt(False, "as lm_eval's: format every method's prompts (runs, builds, SFT "
-                                           "data) with the model's chat template (or the named one)", nargs="?")
-    system_instruction: str | None = _opt(None, "as lm_eval's, for every method")
-    fewshot_as_multiturn: bool = _opt(False, "as lm_eval's, for every method")
-    sft_epochs: int = _opt(3, "SFT epochs (the paper's count is lost)")
-    sft_batch_size: int = _opt(16, "SFT batch size (the paper's Table 15)")
-    lora_r: int = _opt(32, "LoRA rank, alpha = r (the paper's Table 15)")
-    lora_lr: float | None = _opt(None, "LoRA SFT learning rate (default sft.DEFAULT_LR; toy: 3e-3)")
-    router_lr: float | None = _opt(None, "router-only SFT learning rate (default sft.DEFAULT_LR; toy: 3e-2)")
-    selective_fraction: float = _opt(1 / 3, "Selective: share of lowest-perplexity test items without retrieval")
-    bootstrap: int = _opt(1000, "paired bootstrap resamples")
-    seed: int = _opt(0, "seed of lm-eval, SFT and the bootstrap")
-    allow_code_execution: bool = _opt(False, "run MBPP's generated code (also needs HF_ALLOW_CODE_EVAL=1)")
-    gen_kwargs: str | None = _opt(None, "override the generative tasks' generation settings, e.g. max_gen_toks=64")
-    judge: str | None = _opt(None, "unlabelled ablation's labeller: knn-dense, or an lm-eval model spec MODEL:ARGS")
-    cache: str = _opt(".cache", "where the toy model is cached")
-    seeds: tuple[int, ...] = _opt((0, 1, 2), "seeds ablation: SFT training seeds (paper Appendix D)")
-    calibration: str | None = _opt(None, "preset=plus builds: a file of text that is not the benchmarks' domain "
-                                         "(never test data), e.g. a toy's data/train.jsonl; docs/plus.md")
+    eta: float = option(f"build step size (hf-knnmoe's default {default('eta'):g})", default("eta"))
+    k: int = option("neighbours per token and layer", default("k"))
+    steps: int = option("build gradient steps T", default("steps"))
+    apply_chat_template: bool | str = option("as lm_eval's: format every method's prompts (runs, builds, SFT "
+                                           "data) with the model's chat template (or the named one)", False, nargs="?")
+    system_instruction: str | None = option("as lm_eval's, for every method", None)
+    fewshot_as_multiturn: bool = option("as lm_eval's, for every method", False)
+    sft_epochs: int = option("SFT epochs (the paper's count is lost)", 3)
+    sft_batch_size: int = option("SFT batch size (the paper's Table 15)", 16)
+    lora_r: int = option("LoRA rank, alpha = r (the paper's Table 15)", 32)
+    lora_lr: float | None = option("LoRA SFT learning rate (default sft.DEFAULT_LR; toy: 3e-3)", None)
+    router_lr: float | None = option("router-only SFT learning rate (default sft.DEFAULT_LR; toy: 3e-2)", None)
+    selective_fraction: float = option("Selective: share of lowest-perplexity test items without retrieval", 1 / 3)
+    bootstrap: int = option("paired bootstrap resamples", 1000)
+    seed: int = option("seed of lm-eval, SFT and the bootstrap", 0)
+    allow_code_execution: bool = option("run MBPP's generated code (also needs HF_ALLOW_CODE_EVAL=1)", False)
+    gen_kwargs: str | None = option("override the generative tasks' generation settings, e.g. max_gen_toks=64", None)
+    judge: str | None = option("unlabelled ablation's labeller: knn-dense, or an lm-eval model spec MODEL:ARGS", None)
+    cache: str = option("where the toy model is cached", ".cache")
+    seeds: tuple[int, ...] = option("seeds ablation: SFT training seeds (paper Appendix D)", (0, 1, 2))
+    calibration: str | None = option("preset=plus builds: a file of text that is not the benchmarks' domain "
+                                         "(never test data), e.g. a toy's data/train.jsonl; docs/plus.md", None)
     # ablation grids (paper §6; values its text export lost are marked in docs/experiments.md)
-    n_values: tuple[int | None, ...] = _opt((0, 1_000, 10_000, None), "N ablation grid; 'all' = the whole reference set")
-    k_values: tuple[int, ...] = _opt((1, 2, 4, 8), "k ablation grid")
-    step_values: tuple[int, ...] = _opt((1, 2, 4), "T ablation grid")
-    similarities: tuple[str, ...] = _opt(("rbf", "rbf_l2", "cosine"), "similarity ablation grid")
+    n_values: tuple[int | None, ...] = option("N ablation grid; 'all' = the whole reference set",
+                                              (0, 1_000, 10_000, None))
+    k_values: tuple[int, ...] = option("k ablation grid", (1, 2, 4, 8))
+    step_values: tuple[int, ...] = option("T ablation grid", (1, 2, 4))
+    similarities: tuple[str, ...] = option("similarity ablation grid", ("rbf", "rbf_l2", "cosine"))
 
     def __post_init__(self):
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]

@@ -45,7 +45,7 @@ import random
 import shutil
 import time
 import warnings
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from ..core.build import RefSequence, pad_batch
 from ..core.files import atomic_path, save_tensors_atomic, write_json_atomic
+from ..core.options import option
 from ..core.routers import find_routers
 from ..errors import KnnMoeError
 from ..harness.requests import encode_request, refuse_several_answers
@@ -77,32 +78,26 @@ class SftSettings:
     `python -m knnmoe_eval.experiments.sft` has one flag per field: its help, and how argparse reads it, are the
     field's metadata."""
 
-    pretrained: str = field(metadata={"help": "model path or hub id"})
-    tasks: tuple[str, ...] = field(metadata={"help": "build tasks, comma-separated, e.g. knnmoe_medmcqa_ref",
-                                             "type": _tasks})
-    method: str = field(metadata={"help": "lora: LoRA on every linear map; router: the routers' weights alone",
-                                  "choices": METHODS})
-    include_path: str | None = field(default=None, metadata={
-        "help": "lm-eval --include_path of the tasks (default: lm-eval's own tasks only)"})
-    metadata: dict | None = field(default=None, metadata={
-        "help": 'JSON passed to the tasks, e.g. \'{"data_dir": "data"}\' (default: none)', "type": json.loads})
-    limit: int | None = field(default=None, metadata={"help": "reference documents used (default: all)", "type": int})
-    seed: int = field(default=0, metadata={
-        "help": "seeds the train/validation split, the data order and LoRA's initialisation", "type": int})
-    epochs: int = field(default=3, metadata={"help": "training epochs (the paper's count did not survive)",
-                                             "type": int})
-    lr: float | None = field(default=None, metadata={
-        "help": f"peak learning rate, decaying linearly to 0 (default per method: {DEFAULT_LR})", "type": float})
-    batch_size: int = field(default=16, metadata={"help": "documents per step (the paper's Table 15)", "type": int})
-    val_frac: float = field(default=0.15, metadata={
-        "help": "share of the documents held out; the epoch of lowest validation loss is kept", "type": float})
-    lora_r: int = field(default=32, metadata={"help": "LoRA rank, alpha = r (the paper's Table 15)", "type": int})
-    device: str = field(default="cpu", metadata={"help": "torch device"})
-    dtype: str = field(default="float32", metadata={"help": "model dtype"})
-    prompt: dict | None = field(default=None, metadata={
-        "help": "lm-eval's prompt formatting (apply_chat_template, system_instruction, fewshot_as_multiturn) as "
-                "JSON, so that SFT trains on the prompts it is tested on (default: lm-eval's plain prompts)",
-        "type": json.loads})
+    pretrained: str = option("model path or hub id")
+    tasks: tuple[str, ...] = option("build tasks, comma-separated, e.g. knnmoe_medmcqa_ref", type=_tasks)
+    method: str = option("lora: LoRA on every linear map; router: the routers' weights alone", choices=METHODS)
+    include_path: str | None = option("lm-eval --include_path of the tasks (default: lm-eval's own tasks only)", None)
+    metadata: dict | None = option('JSON passed to the tasks, e.g. \'{"data_dir": "data"}\' (default: none)', None,
+                                   type=json.loads)
+    limit: int | None = option("reference documents used (default: all)", None, type=int)
+    seed: int = option("seeds the train/validation split, the data order and LoRA's initialisation", 0, type=int)
+    epochs: int = option("training epochs (the paper's count did not survive)", 3, type=int)
+    lr: float | None = option(f"peak learning rate, decaying linearly to 0 (default per method: {DEFAULT_LR})", None,
+                              type=float)
+    batch_size: int = option("documents per step (the paper's Table 15)", 16, type=int)
+    val_frac: float = option("share of the documents held out; the epoch of lowest validation loss is kept", 0.15,
+                             type=float)
+    lora_r: int = option("LoRA rank, alpha = r (the paper's Table 15)", 32, type=int)
+    device: str = option("torch device", "cpu")
+    dtype: str = option("model dtype", "float32")
+    prompt: dict | None = option("lm-eval's prompt formatting (apply_chat_template, system_instruction, "
+                                 "fewshot_as_multiturn) as JSON, so that SFT trains on the prompts it is tested on "
+                                 "(default: lm-eval's plain prompts)", None, type=json.loads)
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", tuple(self.tasks))  # a list is fine from Python
@@ -400,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
                                 description="LoRA / router-only SFT baselines on kNN-MoE reference tasks")
     p.add_argument("--out", required=True, help="the adapter, its checkpoints while it trains, and train.json")
     for f in fields(SftSettings):
-        cli = dict(f.metadata)
+        cli = {"help": f.metadata["help"], **f.metadata["argparse"]}
         if f.default is MISSING:
             cli["required"] = True
         elif f.default is not None:  # a None default says in its help what it means

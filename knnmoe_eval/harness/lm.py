@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import Iterator
 
@@ -40,6 +41,29 @@ log = logging.getLogger(__name__)
 _HF_ARGS = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs"}
 
 
+# Each causal loglikelihood batch's real row lengths, from lm-eval's `pad_and_concat` to our `_model_call`: a context
+# variable, so that two models evaluating in two threads never read each other's batch.
+_REAL_LENGTHS: ContextVar[list[int] | None] = ContextVar("knnmoe_real_lengths", default=None)  # None: not ours
+_RECORDING = "_knnmoe_records_lengths"
+
+
+def _record_padding() -> None:
+    """Wrap lm-eval's `pad_and_concat` once (never unwrapped, so no thread can restore a stale one): the same result,
+    and under a KnnMoeLM's loglikelihood in this context the rows' lengths noted for its next model call."""
+    pad = _hf.pad_and_concat
+    if getattr(pad, _RECORDING, False):
+        return
+
+    def recording(max_length, tensors, padding_side="right"):
+        lengths = _REAL_LENGTHS.get()
+        if lengths is not None and padding_side == "right":
+            lengths[:] = [int(t.shape[-1]) for t in tensors]
+        return pad(max_length, tensors, padding_side=padding_side)
+
+    setattr(recording, _RECORDING, True)
+    _hf.pad_and_concat = recording
+
+
 @register_model("hf-knnmoe")
 class KnnMoeLM(HFLM):
     def __init__(self, pretrained, **kwargs):
@@ -57,7 +81,6 @@ class KnnMoeLM(HFLM):
             self.retriever = Retriever(self.model, memory, self.options, sites=self.sites)
             self.memory_source = {**source.record(), MANIFEST_SHA256: memory.manifest[MANIFEST_SHA256]}
         self._retrieve = True  # Selective turns retrieval off for the requests it skips
-        self._real_lengths: list[int] | None = None  # the real tokens of each row of the next loglikelihood batch
         self.skipped: int | None = None  # documents Selective ran without retrieval
 
     def _init_distributed_cpu(self) -> None:
@@ -89,7 +112,10 @@ class KnnMoeLM(HFLM):
             self._retrieve = True
 
     def _model_call(self, inps, attn_mask=None, labels=None):
-        lengths, self._real_lengths = self._real_lengths, None
+        recorded = _REAL_LENGTHS.get()
+        lengths = None if not recorded else list(recorded)
+        if recorded:
+            recorded.clear()  # one batch's lengths serve one call
         mask = None
         if lengths is not None and len(lengths) == inps.shape[0] and max(lengths) == inps.shape[1]:
             # hf right-pads loglikelihood batches with zeros and passes no mask: the rows past each length
@@ -100,19 +126,13 @@ class KnnMoeLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """hf's, with each batch's real lengths kept for `_model_call`: it builds the right-padded batch with
         `pad_and_concat` and hands the model no mask, so the lengths are read where it pads."""
-        pad = _hf.pad_and_concat
-
-        def recording(max_length, tensors, padding_side="right"):
-            if padding_side == "right" and self.backend == "causal":
-                self._real_lengths = [int(t.shape[-1]) for t in tensors]
-            return pad(max_length, tensors, padding_side=padding_side)
-
-        _hf.pad_and_concat = recording
+        _record_padding()
+        token = _REAL_LENGTHS.set([]) if self.backend == "causal" else None
         try:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         finally:
-            _hf.pad_and_concat = pad
-            self._real_lengths = None
+            if token is not None:
+                _REAL_LENGTHS.reset(token)
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         with self._routing(generation_kwargs.get("attention_mask")):
