@@ -271,38 +271,6 @@ def test_a_token_far_from_the_memory_at_the_first_layer_is_stock_at_every_layer(
     assert torch.equal(chained, stock)
 
 
-def test_a_calibration_capped_memory_is_read_layer_by_layer(tmp_path):
-    """A memory whose radii calibration text capped (build.radius_rule = CAPPED_RULE) guards each layer by its own
-    radius: with the first layer's keys moved away, the later layers still take their stored routing."""
-    from knnmoe_eval.core.memory import write_memory_streamed
-    from knnmoe_eval.core.mixing import CAPPED_RULE
-
-    model = make_tiny_model("olmoe")
-    sites = find_routers(model)
-    inputs = torch.tensor([s.tokens for s in random_references(3, length=9, n_cont=1)[:1]])
-    h = router_inputs(model, inputs)
-    rows = {s.layer: (len(h[s.layer]), [((h[s.layer] + (100.0 if s is sites[0] else 0.0)).half(),
-                                         s.logits(h[s.layer]).float())]) for s in sites}
-    memory = load_memory(write_memory_streamed(tmp_path / "m", rows, signature(model),
-                                               build={"preset": "plus", "radius_rule": CAPPED_RULE},
-                                               radius=RadiusSpec(quantile=0.5, scale=0.25)))
-    with torch.no_grad(), attach(model, memory, preset="plus", k=1) as retriever:
-        model(inputs)
-    lam = [retriever.diagnostics()[str(s.layer)]["mean_lambda"] for s in sites]
-    assert lam[0] == 0.0 and all(x == 1.0 for x in lam[1:])
-
-
-def test_build_records_the_radius_rule_it_was_built_under(tmp_path):
-    """Calibration text: the capped rule; none: the layers must agree."""
-    from knnmoe_eval.core.build import build_settings
-    from knnmoe_eval.core.mixing import AGREE_RULE, CAPPED_RULE
-
-    given = {"memory": str(tmp_path / "m"), "mode": "build", "preset": "plus"}
-    assert build_settings(KnnMoeOptions(**given))["radius_rule"] == AGREE_RULE
-    assert build_settings(KnnMoeOptions(**given, calibration=__file__))["radius_rule"] == CAPPED_RULE
-    assert "radius_rule" not in build_settings(KnnMoeOptions(**{**given, "preset": "paper"}))
-
-
 def test_the_build_refuses_a_radius_that_admits_the_models_own_samples(tmp_path):
     """Without calibration text the build samples the stock model's own text (probe_tokens) and refuses a memory
     whose first-layer radius admits more than probe_bound of it, naming the fix; the largest radius_scale it names

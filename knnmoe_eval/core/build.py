@@ -35,7 +35,6 @@ from .files import DirectoryLock, is_leftover, remove_leftovers, save_tensors_at
 from .gradient import _cache_arg, optimise_logits
 from .hooks import Recorder, hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
-from .mixing import AGREE_RULE, CAPPED_RULE
 from .options import BUILD_FIELDS, KnnMoeOptions
 from .routers import RouterSite
 from .sigma import RadiusSpec
@@ -45,6 +44,7 @@ log = logging.getLogger(__name__)
 RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
 BUILD_STATE = "build.json"
 LOCK = ".build{}.lock"  # one per rank (rank 0: ".build.lock"), held for the whole build
+RADIUS_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
 CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
 PROBE_LENGTH = 32  # tokens sampled per probe row (probe_tokens): short enough for any model's context
 PROBE_SEED = 0
@@ -448,8 +448,8 @@ def tokenize_request(rid: RequestId, context_enc: list[int], continuation_enc: l
 def build_settings(opts: KnnMoeOptions) -> dict:
     """What a built memory records about how it was built (labels: null = gold answers)."""
     settings = {n: getattr(opts, n) for n in BUILD_FIELDS}
-    if opts.radius_quantile is not None:  # how confidence=radius reads the radii (mixing.layers_agree)
-        settings["radius_rule"] = AGREE_RULE if opts.calibration is None else CAPPED_RULE
+    if opts.radius_quantile is not None:  # how confidence=radius reads the radii: every earlier layer must agree
+        settings["radius_rule"] = RADIUS_RULE
     if probes(opts):
         settings["probe"] = {"tokens": opts.probe_tokens, "bound": opts.probe_bound, "length": PROBE_LENGTH,
                              "seed": PROBE_SEED, "text": "the stock model's samples from its BOS token"}

@@ -20,12 +20,6 @@ every earlier layer to agree can only take tokens away from the memory, never ad
 by the Retriever from one layer call to the next of a forward (layers run in order, eagerly), so under
 pipeline parallelism each stage starts it afresh at its own first layer.
 
-With calibration text the build caps every layer's radius below the calibration tokens' own distances, measured
-at that layer under stock routing: each layer then guards itself, and a memory so built records the rule
-`CAPPED_RULE` and is read without the agreement (the rule is the manifest's `build.radius_rule`; a memory that
-names none, or `AGREE_RULE`, agrees). On the second toy agreement cost 3.5 points of shifted accuracy where the
-cap already kept every in-domain token out (docs/plus.md).
-
 Tokens with lambda == 0 get z back unchanged (not recomputed), which is what makes an empty or far-away memory
 reproduce the stock model bit for bit. Independent of models, families and lm-eval; `attach` calls it.
 """
@@ -35,14 +29,6 @@ from __future__ import annotations
 import torch
 
 SIMILARITIES = ("rbf", "rbf_l2", "cosine")
-# how confidence=radius reads a memory's radii (its manifest's build.radius_rule)
-AGREE_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
-CAPPED_RULE = "each layer's own radius, capped below the calibration text's distances"
-
-
-def layers_agree(radius_rule: str | None) -> bool:
-    """Whether a memory's radii are read with agreement across layers: all but the calibration-capped ones."""
-    return radius_rule != CAPPED_RULE
 
 
 def similarity(dist2: torch.Tensor, kind: str, two_sigma2: float, max_distance: float | None = None) -> torch.Tensor:

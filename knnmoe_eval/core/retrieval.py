@@ -24,7 +24,7 @@ from .hooks import Rerouted, hooked_routers
 from .hub import resolve_memory
 from .index import l2_normalize
 from .memory import Memory, load_memory
-from .mixing import agree_with_earlier, layers_agree, mix, similarity, within_radius
+from .mixing import agree_with_earlier, mix, similarity, within_radius
 from .options import KnnMoeOptions
 from .routers import RouterSite, find_routers
 from .sigma import two_sigma2
@@ -122,10 +122,8 @@ class Retriever:
                     f"use k <= {len(mem)} or a larger memory"
                 )
             self.layers[site.layer] = _LayerRetrieval(site, memory, options)
-        # confidence=radius: the tokens within reach at every layer so far in this forward (mixing.agree_with_earlier),
-        # unless the memory's radii were capped by calibration text (mixing.layers_agree)
+        # confidence=radius: the tokens within reach at every layer so far in this forward (mixing.agree_with_earlier)
         self._first, self._near = min(self.layers, default=None), None
-        self._agree = layers_agree(memory.manifest.get("build", {}).get("radius_rule"))
         self.reset_diagnostics()
 
     def reset_diagnostics(self) -> None:
@@ -167,9 +165,8 @@ class Retriever:
         dist2, ids = dist2.to(z.device), ids.to(z.device)
         if self.options.confidence == "radius":
             radius = min(layer.radius, self.options.max_distance or float("inf"))
-            sims = within_radius(dist2, radius)
-            if self._agree:
-                sims, self._near = agree_with_earlier(sims, None if site.layer == self._first else self._near)
+            sims, self._near = agree_with_earlier(within_radius(dist2, radius),
+                                                  None if site.layer == self._first else self._near)
         else:
             sims = similarity(dist2, self.options.similarity, layer.two_sigma2, self.options.max_distance)
         z_sub = z if rows is None else z[rows]
