@@ -316,8 +316,9 @@ class MemoryBuilder:
         its router input is the same in every row."""
         start = time.perf_counter()
         config = self.model.config
-        bos = next((t for t in (getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
-                    if isinstance(t, int)), None)
+        named = [getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None)]
+        named = [t[0] if isinstance(t, (list, tuple)) and t else t for t in named]  # several EOS ids: the first
+        bos = next((t for t in named if isinstance(t, int) and not isinstance(t, bool)), None)
         if bos is None:
             raise KnnMoeError("probe_tokens samples the model's own text from its BOS (or EOS) token, and this model's "
                               "config names neither: pass calibration=FILE (text that is not this domain), or "
