@@ -87,7 +87,7 @@ def main() -> None:
                         help="readme: the README's toy; second, third: the generalisation toys of docs/plus.md")
     parser.add_argument("--uncalibrated", action="store_true",
                         help="also build and evaluate preset=plus without calibration text")
-    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--k", type=int, default=None, help="neighbours per token (default: each preset's own)")
     args = parser.parse_args()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
 
@@ -103,7 +103,8 @@ def main() -> None:
     for name, (preset, extra) in presets.items():
         memory = Path(args.memories) / f"{key}-{name.replace(', no calibration', '-uncalibrated')}"
         build_s[f"kNN-MoE ({name})"] = build(tm, toy_dir, memory, {"preset": preset, **extra})
-        methods[f"kNN-MoE ({name})"] = ("hf-knnmoe", f"pretrained={toy_dir},memory={memory},k={args.k},preset={preset}")
+        k = "" if args.k is None else f",k={args.k}"
+        methods[f"kNN-MoE ({name})"] = ("hf-knnmoe", f"pretrained={toy_dir},memory={memory}{k},preset={preset}")
 
     rows = {}
     for name, (model, model_args) in methods.items():

@@ -3,16 +3,19 @@
 Prints, for the cached toy model:
   1. stock accuracy through lm-eval (`simple_evaluate(model="hf")`) on knnmoe_toy_indomain and knnmoe_toy_shift;
   2. oracle routing: the shifted item scored with the router logits the model produces when the same text carries
-     the marker of the domain whose rule applies to the query symbol (query position only, every layer); every
-     other activation is the shifted item's own, so this changes routing and nothing else;
+     the marker of the domain whose rule answers the question (query position only, every layer); every other
+     activation is the shifted item's own, so this changes routing and nothing else. And the DEMix oracle: the
+     query position routed, at every layer, to the experts the toy's routing supervision gave that domain;
   3. per-item router offsets optimized on the gold answer (30 Adam steps, experts frozen): how far a
      per-item routing change gets when it follows the model's own (sparse top-k) gradient;
   4. router-only fine-tuning on shift_ref (everything but `mlp.gate` frozen), scored through lm-eval on both
      splits: a learned routing change fixes the shift; a global one may cost in-domain accuracy;
   5. whether a memory keyed by router inputs can find the right routing: 1-NN from shift_test to shift_ref keys
-     (per layer), how often the neighbour needs the same source domain.
+     (per layer), how often the neighbour needs the same source domain, has the same query symbol, and (what
+     `shift="pair"` also reads) the same symbol before it.
 
     OMP_NUM_THREADS=1 python scripts/toy_check.py --cache-dir ~/.cache/knnmoe_eval/toy
+    OMP_NUM_THREADS=1 python scripts/toy_check.py --toy third --cache-dir .cache   # docs/plus.md's third toy
     OMP_NUM_THREADS=1 python scripts/toy_check.py --quick --cache-dir /tmp/toy   # seconds: the smoke test's run
 """
 
@@ -81,10 +84,12 @@ def lm_eval_acc(pretrained: Path, toy_dir: Path, tasks: list[str]) -> dict[str, 
 
 
 def oracle_routing(model, tokenizer, records, rules):
-    """Accuracy when the query position is routed as under the marker of its symbol's source domain."""
+    """Accuracy when the query position is routed as under the marker of the domain whose rule answers it."""
     correct = 0.0
     for d, marker in enumerate(rules.markers):
-        group = [r for r in records if rules.shift_domain(r["query"]) == d]
+        group = [r for r in records if rules.answer_source(r) == d]
+        if not group:
+            continue
         ids, last = batch(tokenizer, group, marker)
         recorded = router_logits(model, ids)
         rows = torch.arange(len(group))
@@ -100,10 +105,28 @@ def oracle_routing(model, tokenizer, records, rules):
     return correct / len(records)
 
 
+def demix_oracle(model, tokenizer, records, rules, config):
+    """Accuracy when the query position is routed, at every MoE layer, to the block of experts the toy's routing
+    supervision (`toy._route_loss`) trained for the domain whose rule answers it (the stock logits ranked within
+    the block, so the family's gating picks its top-k there)."""
+    ids, last = batch(tokenizer, records)
+    flat = torch.arange(len(records)) * ids.shape[1] + last
+    size = config.n_experts // config.n_domains
+    block = torch.tensor([rules.answer_source(r) for r in records])  # (n,)
+    owned = (torch.arange(config.n_experts)[None, :] // size) == block[:, None]  # (n, E)
+
+    def override(i, z):
+        z = z.clone()
+        z[flat] = z[flat].masked_fill(~owned, float("-inf")).to(z.dtype)
+        return z
+
+    return score(model, tokenizer, records, override, ids, last)[0]
+
+
 def optimized_offsets(model, tokenizer, records, steps: int = 30, lr: float = 0.1):
     """Accuracy after optimizing a separate router-logit offset per item, layer and position on its gold NLL."""
     ids, last = batch(tokenizer, records)
-    n_layers, n_experts = len(model.model.layers), model.config.num_experts
+    n_layers, n_experts = len(model.model.layers), find_routers(model)[0].num_experts
     delta = torch.zeros(n_layers, ids.numel(), n_experts, requires_grad=True)
     rows = torch.arange(len(records))
     gold = torch.tensor([tokenizer.convert_tokens_to_ids(r["answer"]) for r in records])
@@ -140,26 +163,36 @@ def finetune_router(model, tokenizer, records, steps: int = 200, lr: float = 1e-
 
 
 def nearest_neighbour_domains(model, tokenizer, refs, tests, rules):
-    """Per layer: share of test queries whose nearest reference key (router input) needs the same source domain."""
+    """Per layer: shares of test queries whose nearest reference key (router input) needs the same source domain,
+    has the same query symbol and the same symbol before it (three lists)."""
 
     def keys(records):
         ids, last = batch(tokenizer, records)
         flat = torch.arange(len(records)) * ids.shape[1] + last
         return [h[flat] for _, h in sorted(router_inputs(model, ids).items())]
 
-    ref_domain = torch.tensor([rules.shift_domain(r["query"]) for r in refs])
-    test_domain = torch.tensor([rules.shift_domain(r["query"]) for r in tests])
-    out = []
+    def previous(r):
+        pairs = r["context"].split(":", 1)[1].split()
+        return pairs[-2][0] if len(pairs) > 1 else r["query"]
+
+    labels = {"domain": rules.answer_source, "query": lambda r: r["query"], "previous": previous}
+    ref_labels = {name: [f(r) for r in refs] for name, f in labels.items()}
+    test_labels = {name: [f(r) for r in tests] for name, f in labels.items()}
+    out = {name: [] for name in labels}
     for ref_keys, test_keys in zip(keys(refs), keys(tests)):
-        nn = torch.cdist(test_keys, ref_keys).argmin(1)
-        out.append((ref_domain[nn] == test_domain).float().mean().item())
-    return out
+        nn = torch.cdist(test_keys, ref_keys).argmin(1).tolist()
+        for name in labels:
+            same = [ref_labels[name][j] == t for j, t in zip(nn, test_labels[name])]
+            out[name].append(sum(same) / len(same))
+    return out["domain"], out["query"], out["previous"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "knnmoe_eval" / "toy"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--toy", choices=("readme", "second", "third"), default="readme",
+                        help="readme: ToyConfig(); second, third: docs/plus.md's SECOND_TOY, THIRD_TOY")
     parser.add_argument("--quick", action="store_true",
                         help="knnmoe_eval.testing.small_toy() and 2 steps each: the script runs (seconds), its "
                              "figures mean nothing")
@@ -168,7 +201,8 @@ def main():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = small_toy() if args.quick else toy.ToyConfig()
+    toys = {"readme": toy.ToyConfig(), "second": toy.SECOND_TOY, "third": toy.THIRD_TOY}
+    config = small_toy() if args.quick else toys[args.toy]
     steps = {"steps": 2} if args.quick else {}
     toy_dir = toy.train_or_load(args.cache_dir, config)
     rules = toy.make_rules(config)
@@ -183,6 +217,7 @@ def main():
     rows = [("stock (lm-eval)", stock["knnmoe_toy_indomain"], stock["knnmoe_toy_shift"])]
     rows.append(("stock (direct scoring)", None, score(model, tokenizer, shift)[0]))
     rows.append(("oracle routing, query position", None, oracle_routing(model, tokenizer, shift, rules)))
+    rows.append(("DEMix oracle, query position", None, demix_oracle(model, tokenizer, shift, rules, config)))
     rows.append(("per-item router offsets, 30 Adam steps", None, optimized_offsets(model, tokenizer, shift, **steps)))
     tuned = finetune_router(model, tokenizer, refs, **steps)
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,9 +230,10 @@ def main():
     for name, indomain_acc, shift_acc in rows:
         shown = "-" if indomain_acc is None else f"{indomain_acc:.3f}"
         print(f"{name:<46} {shown:>9} {shift_acc:>7.3f}")
-    nn = nearest_neighbour_domains(model, tokenizer, refs, shift, rules)
-    shown = "  ".join(f"{x:.3f}" for x in nn)
-    print(f"1-NN router input finds a reference of the same source domain, per layer: {shown}")
+    for what, shares in zip(("the same source domain", "the same query symbol", "the same symbol before it"),
+                            nearest_neighbour_domains(model, tokenizer, refs, shift, rules)):
+        shown = "  ".join(f"{x:.3f}" for x in shares)
+        print(f"1-NN router input finds a reference with {what}, per layer: {shown}")
 
 
 if __name__ == "__main__":

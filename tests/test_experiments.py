@@ -20,6 +20,16 @@ TOY_METHODS = ["Zero-shot", "LoRA SFT", "Router-only SFT", "kNN-MoE", "kNN-MoE (
                "kNN-MoE (grad=dense)", "kNN-MoE (plus)", "C3PO"]
 
 
+@pytest.fixture(autouse=True)
+def no_probe(monkeypatch):
+    """This barely trained toy has no radius clear of the model's own samples, and preset=plus's probe would refuse
+    every uncalibrated plus memory (as it should: tests/test_plus.py tests that refusal); these tests are about the
+    runner, so its plus builds skip the probe."""
+    from knnmoe_eval.core.options import PRESETS
+
+    monkeypatch.setitem(PRESETS["plus"], "probe_tokens", 0)
+
+
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory):
     return str(toy.train_or_load(tmp_path_factory.mktemp("toy"), replace(small_toy(), n_shift_ref=40, n_shift_test=16), progress=False))

@@ -20,6 +20,9 @@ from knnmoe_eval.testing import make_tiny_model, random_references, router_input
 
 
 def build(model, path, **given):
+    # random references on a random model: no radius can separate them from its own samples, and the probe would
+    # refuse the memory (its own test: test_the_build_refuses_a_radius_that_admits_the_models_own_samples)
+    given.setdefault("probe_tokens", 0)
     b = MemoryBuilder(model, find_routers(model), signature(model), KnnMoeOptions(memory=str(path), mode="build", **given))
     b.run(random_references(n_cont=1), pad_id=0, batch_size=3)
     b.finalize()
@@ -258,11 +261,40 @@ def test_a_token_far_from_the_memory_at_the_first_layer_is_stock_at_every_layer(
     with torch.no_grad():
         stock = model(inputs).logits
     near = _radius_memory(tmp_path / "near", model, inputs, far_layer=None)
-    with torch.no_grad(), attach(model, near, preset="plus") as retriever:
+    with torch.no_grad(), attach(model, near, preset="plus", k=1) as retriever:
         model(inputs)
     assert all(d["mean_lambda"] == 1.0 for d in retriever.diagnostics().values())  # the control: all on their keys
     far = _radius_memory(tmp_path / "far", model, inputs, far_layer=sites[0].layer)
-    with torch.no_grad(), attach(model, far, preset="plus") as retriever:
+    with torch.no_grad(), attach(model, far, preset="plus", k=1) as retriever:
         chained = model(inputs).logits
     assert all(d["mean_lambda"] == 0.0 for d in retriever.diagnostics().values())
     assert torch.equal(chained, stock)
+
+
+def test_the_build_refuses_a_radius_that_admits_the_models_own_samples(tmp_path):
+    """Without calibration text the build samples the stock model's own text (probe_tokens) and refuses a memory
+    whose first-layer radius admits more than probe_bound of it, naming the fix; the largest radius_scale it names
+    then builds, and the manifest's admitted share is the probe's share within the radius (brute force)."""
+    model = make_tiny_model("olmoe")
+    refs = random_references(n=48, n_cont=3)  # random tokens, as the random model samples: no radius separates them
+    given = {"mode": "build", "preset": "plus", "probe_tokens": 256}
+
+    def build_with(path, **extra):
+        b = MemoryBuilder(model, find_routers(model), signature(model),
+                          KnnMoeOptions(memory=str(path), **given, **extra))
+        b.build(refs, pad_id=0, batch_size=16)
+        return b
+
+    with pytest.raises(KnnMoeError, match=r"no safe radius.*calibration=FILE.*radius_scale<=") as refused:
+        build_with(tmp_path / "wide")
+    assert not (tmp_path / "wide" / "manifest.json").exists()
+    scale = float(str(refused.value).split("radius_scale<=")[1].split()[0])
+    assert 0 < scale < 2
+    b = build_with(tmp_path / "safe", radius_scale=scale)
+    memory = load_memory(tmp_path / "safe")
+    first = min(memory.layers)
+    entry = memory.manifest["layers"][str(first)]
+    nearest = torch.cdist(b.probe[first].double(), memory.layers[first].keys.double()).min(1).values
+    assert entry["probe_admitted"] == pytest.approx(float((nearest <= entry["radius"]).double().mean()), abs=1 / 256)
+    assert entry["probe_admitted"] <= 0.01 and len(b.probe[first]) == 256
+    assert memory.manifest["build"]["probe"]["tokens"] == 256

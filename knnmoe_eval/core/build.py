@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..errors import KnnMoeError
 from .files import DirectoryLock, is_leftover, remove_leftovers, save_tensors_atomic, sha256_file, write_json_atomic
-from .gradient import optimise_logits
+from .gradient import _cache_arg, optimise_logits
 from .hooks import Recorder, hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
 from .options import BUILD_FIELDS, KnnMoeOptions
@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 
 RequestId = tuple[str, int, int]  # (task name, doc id, choice index): how lm-eval identifies a request
 BUILD_STATE = "build.json"
-RADIUS_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
 LOCK = ".build{}.lock"  # one per rank (rank 0: ".build.lock"), held for the whole build
+RADIUS_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
 CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
+PROBE_LENGTH = 32  # tokens sampled per probe row (probe_tokens): short enough for any model's context
+PROBE_SEED = 0
 
 
 @dataclass
@@ -80,7 +82,8 @@ class MemoryBuilder:
         self.shard_dir = self.out / "shards"
         self.calibration: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
         self.wall_s: float | None = None  # the last build's wall time, the cost the paper sets against SFT training
-        self.calibration_s = 0.0  # reading the calibration text, counted in wall_s
+        self.calibration_s = 0.0  # reading the calibration text (or sampling the probe), counted in wall_s
+        self.probe: dict[int, torch.Tensor] | None = None  # router inputs of the stock model's own samples, per layer
         self.lock = DirectoryLock(self.out / LOCK.format("" if rank == 0 else f".rank{rank:03d}"), str(self.out))
         self._check_out_dir()
 
@@ -263,6 +266,8 @@ class MemoryBuilder:
         if barrier is not None:
             barrier()
         if self.rank == 0:
+            if probes(self.options) and self.probe is None:
+                self.read_probe(self.options.probe_tokens, batch_size)
             self.finalize()
         if barrier is not None:
             barrier()
@@ -302,6 +307,43 @@ class MemoryBuilder:
         bar.close()
         self.calibration = {layer: torch.cat(hs)[:cap] for layer, hs in kept.items()}
         self.calibration_s = time.perf_counter() - start
+
+    @torch.no_grad()
+    def read_probe(self, n_tokens: int, batch_size: int) -> None:
+        """Router inputs (stock routing) of `n_tokens` the stock model samples from its BOS token (seed
+        PROBE_SEED): the model's own distribution, which without calibration text stands in for what the radius
+        must not admit (`probe_tokens`; the check is `memory.write_memory_streamed`'s). The BOS itself is left out:
+        its router input is the same in every row."""
+        start = time.perf_counter()
+        config = self.model.config
+        named = [getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None)]
+        named = [t[0] if isinstance(t, (list, tuple)) and t else t for t in named]  # several EOS ids: the first
+        bos = next((t for t in named if isinstance(t, int) and not isinstance(t, bool)), None)
+        if bos is None:
+            raise KnnMoeError("probe_tokens samples the model's own text from its BOS (or EOS) token, and this model's "
+                              "config names neither: pass calibration=FILE (text that is not this domain), or "
+                              "probe_tokens=0")
+        device = next(self.model.parameters()).device
+        gen = torch.Generator().manual_seed(PROBE_SEED)
+        rows = -(-n_tokens // PROBE_LENGTH)
+        kept: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
+        for first in range(0, rows, batch_size):
+            ids = torch.full((min(batch_size, rows - first), 1), bos, dtype=torch.long, device=device)
+            past, step = None, ids
+            for _ in range(PROBE_LENGTH):  # sampled on the CPU from one generator: the same text on any device
+                out = self.model(step, use_cache=True, **({} if past is None else {_cache_arg(self.model): past}))
+                past = getattr(out, _cache_arg(self.model))
+                probs = out.logits[:, -1].float().softmax(-1).cpu()
+                step = torch.multinomial(probs, 1, generator=gen).to(device)
+                ids = torch.cat([ids, step], 1)
+            recorder = Recorder()
+            with hooked_routers(self.sites, recorder):
+                self.model(ids)
+            for layer, h in recorder.inputs.items():
+                kept[layer].append(h.view(ids.shape[0], ids.shape[1], -1)[:, 1:].reshape(-1, h.shape[-1])
+                                   .to("cpu", torch.float16))
+        self.probe = {layer: torch.cat(hs)[:n_tokens] for layer, hs in kept.items()}
+        self.calibration_s += time.perf_counter() - start
 
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
@@ -348,8 +390,11 @@ class MemoryBuilder:
                     yield torch.cat(keys), torch.cat(values)
 
             o = self.options
-            radius = None if o.radius_quantile is None else RadiusSpec(o.radius_quantile, o.radius_scale, self.calibration,
-                                                                        o.calibration_quantile)
+            if probes(o) and self.probe is None:  # a merge resumed on its own (finalize without build)
+                self.read_probe(o.probe_tokens, 32)
+            radius = None if o.radius_quantile is None else RadiusSpec(
+                o.radius_quantile, o.radius_scale, self.calibration, o.calibration_quantile,
+                self.probe if probes(o) else None, o.probe_bound)
             write_memory_streamed(self.out, {s.layer: (n, rows(s.layer)) for s in self.sites}, self.signature,
                                   build=settings, radius=radius)
         for path in self._finished_shards():
@@ -406,9 +451,17 @@ def build_settings(opts: KnnMoeOptions) -> dict:
     settings = {n: getattr(opts, n) for n in BUILD_FIELDS}
     if opts.radius_quantile is not None:  # how confidence=radius reads the radii: every earlier layer must agree
         settings["radius_rule"] = RADIUS_RULE
+    if probes(opts):
+        settings["probe"] = {"tokens": opts.probe_tokens, "bound": opts.probe_bound, "length": PROBE_LENGTH,
+                             "seed": PROBE_SEED, "text": "the stock model's samples from its BOS token"}
     return {**settings, "labels": None if opts.labels is None else describe(opts.labels),
             "calibration": None if opts.calibration is None else {
                 "sha256": sha256_file(Path(opts.calibration)), "quantile": opts.calibration_quantile}}
+
+
+def probes(opts: KnnMoeOptions) -> bool:
+    """Whether the build checks its radii on the model's own samples: a radius and no calibration text."""
+    return bool(opts.probe_tokens) and opts.radius_quantile is not None and opts.calibration is None
 
 
 def describe(labels_path: str | Path) -> dict:

@@ -317,6 +317,8 @@ def write_memory_streamed(
             "sha256": digest,
             **layer_stats(load_file(str(out / name))["keys"], radius, layer),
         }
+    if radius is not None:  # never write a memory whose radius admits the model's own text (probe_tokens)
+        radius.check_probe(entries, min(layers), f"memory {out}")
     from .. import __version__
 
     manifest = {

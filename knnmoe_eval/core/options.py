@@ -66,7 +66,7 @@ _CHOICES = {  # options that take one of a few words
 
 @dataclass(frozen=True)
 class KnnMoeOptions:
-    preset: str = _help("`paper`: every default below is the paper's method; `plus`: our recipe, which sets the defaults of `grad`, `optimizer`, `eta`, `steps`, `free`, `keys`, `radius_quantile`, `radius_scale`, `confidence` (an option given explicitly wins; [docs/plus.md](docs/plus.md)). A memory records its preset, and evaluating it with another preset's build side is refused", default="paper")
+    preset: str = _help("`paper`: every default below is the paper's method; `plus`: our recipe, which sets the defaults of `grad`, `optimizer`, `eta`, `steps`, `free`, `keys`, `radius_quantile`, `radius_scale`, `confidence`, `probe_tokens`, `k` (an option given explicitly wins; [docs/plus.md](docs/plus.md)). A memory records its preset, and evaluating it with another preset's build side is refused", default="paper")
     memory: str | None = _help("memory directory: read in eval mode, written in build mode. In eval mode also a Hub repo id `org/name` or `org/name/subfolder` when no local directory of that name exists ([Sharing a memory](#sharing-a-memory))", default=None)
     memory_revision: str = _help("`memory=org/name` from the Hub: the branch, tag or commit to read; the commit it resolves to is recorded in the results JSON (`config.knnmoe.memory`). Ignored for a local directory", default="main")
     mode: str = _help("`build` teacher-forces the task's gold answers into `memory`", default="eval")
@@ -95,6 +95,8 @@ class KnnMoeOptions:
     radius_scale: float = _help("build: the radius as a multiple of that quantile", default=1.0)
     calibration: str | None = _help("build: a file of text that is NOT the memory's domain (one text per line, or JSONL with a 'text' field; never test data): each layer's radius stays below the calibration_quantile of its tokens' distances to the nearest key", default=None)
     calibration_quantile: float = _help("build: see calibration", default=0.001)
+    probe_tokens: int = _help("build, with radius_quantile and no calibration text: sample this many tokens of the stock model's own text (from its BOS token, seed 0) and refuse to write a memory whose first MoE layer's radius admits more than probe_bound of them, naming the fix (0: off; beyond the paper)", default=0)
+    probe_bound: float = _help("build: see probe_tokens", default=0.01)
     positions: str = _help("build: keep (and score) positions whose next token is in the gold answer, or `all` positions after the first, each scored on its own next token (the paper's every time step)", default="answer")
     shard_tokens: int = _help("build: flush a shard every this many stored positions (resume granularity)", default=50_000)
     labels: str | None = _help("build: teacher-force the answers of a labels file (self- or judge-labelled references, [docs/unlabelled.md](docs/unlabelled.md)) instead of gold", default=None)
@@ -150,6 +152,10 @@ class KnnMoeOptions:
             bad("calibration", "no such file")
         if not 0 <= self.calibration_quantile < 1:
             bad("calibration_quantile", "must be in [0, 1)")
+        if not (isinstance(self.probe_tokens, int) and self.probe_tokens >= 0):
+            bad("probe_tokens", "must be an integer >= 0 (0: no probe)")
+        if not 0 <= self.probe_bound <= 1:
+            bad("probe_bound", "must be in [0, 1]")
         if not (isinstance(self.shard_tokens, int) and self.shard_tokens >= 1):
             bad("shard_tokens", "must be an integer >= 1")
         if self.selective_ppl is not None and not (math.isfinite(self.selective_ppl) and self.selective_ppl > 0):
@@ -179,6 +185,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         # confidence: lambda = 1 within twice the 99th percentile of the memory's own neighbour distances, kept
         # clear of the calibration text's tokens when the user names some
         "radius_quantile": 0.99, "radius_scale": 2.0, "confidence": "radius",
+        # without calibration text, the model's own samples stand in for it: a radius admitting them is refused
+        "probe_tokens": 1024,
+        # evaluation: the proposal averages two neighbours' values (one reference's z* is fitted to its own
+        # sequence); chosen on the README toy, k 1/2/3/4: 0.945/0.983/0.978/0.980 shifted (docs/plus.md)
+        "k": 2,
     },
 }
 # ... and what a preset sets instead when the build names no calibration text: nothing since the layers must agree

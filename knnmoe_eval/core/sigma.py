@@ -11,6 +11,7 @@ the kernel's 2 sigma^2 at load.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -72,6 +73,35 @@ class RadiusSpec:
     scale: float  # the radius as a multiple of that quantile
     calibration: Mapping[int, torch.Tensor] | None = None  # layer -> (m, d) router inputs of text that is not this domain
     calibration_quantile: float = 0.001  # ... the radius stays below this quantile of their distances to the nearest key
+    probe: Mapping[int, torch.Tensor] | None = None  # layer -> (m, d) router inputs of the stock model's own samples
+    probe_bound: float = 0.01  # the largest share of them the first MoE layer's radius may admit (probe_tokens)
+
+    def check_probe(self, entries: Mapping[str, dict], first: int, where: str) -> None:
+        """Refuse a memory whose first MoE layer's radius admits more than probe_bound of the probe's tokens:
+        under the layers' agreement (mixing.agree_with_earlier) that layer decides which tokens take the memory
+        anywhere, so the share it admits is the share of the model's own text the memory would change."""
+        if self.probe is None:
+            return
+        entry = entries[str(first)]
+        share = entry["probe_admitted"]
+        if share > self.probe_bound:
+            raise KnnMoeError(
+                f"{where}: no safe radius from the memory alone: the first MoE layer's radius "
+                f"({entry['radius']:.4g}) admits {share:.1%} of {len(self.probe[first])} tokens the stock model "
+                f"samples itself (probe_tokens), above probe_bound={self.probe_bound:g}, so the memory would change "
+                "the model's routing on its own text. Pass calibration=FILE (text that is not this memory's domain: "
+                f"each layer's radius is then capped below it), or radius_scale<={_down(entry.get('probe_safe_scale', 0.0))} "
+                "(the largest that keeps the probe within the bound), or probe_bound=1 to write it anyway. Build into "
+                "a new directory (or delete this one): its layer files are written, its manifest is not."
+            )
+
+
+def _down(x: float, digits: int = 3) -> str:
+    """`x` rounded down to `digits` significant digits: a scale that, pasted back, still keeps under the bound."""
+    if x <= 0:
+        return "0"
+    e = math.floor(math.log10(x)) - digits + 1
+    return f"{math.floor(x / 10**e) * 10**e:.{max(0, -e)}f}"
 
 
 def nearest_sq_dists(queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +148,15 @@ def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer
             stats[f"{name}_far_cap"] = cap
             r = min(r, cap)
         stats[name] = r
+    if radius.probe is not None and len(radius.probe[layer]):
+        near = nearest_sq_dists(radius.probe[layer], keys_fp16)[0].sqrt()  # (m,) float64
+        stats["probe_admitted"] = float((near <= stats["radius"]).double().mean())
+        # the largest scale that admits at most probe_bound of them: below the bound's quantile of their distances
+        quantile = float(torch.quantile(dists[0], radius.quantile).sqrt())
+        # (the j nearest may be admitted, j = bound x m: the radius must stay below the (j+1)-th)
+        ordered, j = near.sort().values, int(radius.probe_bound * len(near))
+        if j < len(near) and quantile > 0:
+            stats["probe_safe_scale"] = float(ordered[j]) / quantile * (1 - 1e-6)
     return stats
 
 

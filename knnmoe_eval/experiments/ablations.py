@@ -295,8 +295,8 @@ def _plus(runner, benches):
     rows = [{"kNN-MoE": "paper", **_accuracy_row({b.name: runner.knn(b) for b in benches})},
             {"kNN-MoE": "plus", **_accuracy_row({b.name: runner.knn_plus(b) for b in benches})}]
     ingredients = dict(PLUS_INGREDIENTS)
-    if runner.settings.calibration:
-        ingredients["calibration"] = ({"calibration": None}, {})
+    if runner.settings.calibration:  # the uncapped radius itself: the probe, which may refuse it, is not the row's
+        ingredients["calibration"] = ({"calibration": None, "probe_tokens": 0}, {})
     for name, (build, options) in ingredients.items():
         records = {b.name: runner.knn(b, f"ablate-plus/without-{re.sub(r'[^a-z0-9]+', '-', name.lower())}",
                                       build={**PLUS, **build}, **PLUS, **options) for b in benches}

@@ -130,6 +130,11 @@ class Rules:
         """The training domain whose rule answers `symbol` after `marker` (and `previous`, the symbol before)."""
         return self.shift_domain(symbol, previous) if marker == SHIFT_MARKER else self.markers.index(marker)
 
+    def answer_source(self, record: dict) -> int:
+        """The training domain whose rule answers a generated item's question (`_item`'s record)."""
+        pairs = record["context"].split(":", 1)[1].split()  # "X: cf ak t" -> ["cf", "ak", "t"]
+        return self.source(record["context"][0], record["query"], pairs[-2][0] if len(pairs) > 1 else None)
+
 
 # The generalisation toy of docs/plus.md, fixed before the `preset=plus` recipe was tuned on the README's toy:
 # another seed, twice the layers, a renormalising family (Qwen3-MoE with norm_topk_prob), six training domains
