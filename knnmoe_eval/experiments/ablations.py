@@ -179,7 +179,7 @@ def _latency(runner, benches):
             memories = {b.name: runner.memory(b, n=n) for b in benches}
             row = {"N": n, "index": index, "keys per layer (all benchmarks)": _keys(memories)}
             try:
-                s, mem, _ = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.settings.k, index=index))
+                s, mem, _ = _timed(runner, benches, lambda b: runner.knn_lm(memories[b.name], k=runner.k(), index=index))
                 rows.append({**row, "eval s": s, "ms per example": per_example(s), "× zero-shot": s / zero_s,
                              "peak MiB": mem})
             except KnnMoeError as e:  # e.g. IVFPQ on a memory too small to train
@@ -260,8 +260,8 @@ def _load_balance(runner, benches):
         "Zero-shot": lambda b: runner.load_balance("zero-shot", b, lambda: runner.base),
         "LoRA SFT": lambda b: _sft_balance(runner, b, "lora"),
         "Router-only SFT": lambda b: _sft_balance(runner, b, "router"),
-        "kNN-MoE": lambda b: runner.load_balance("knn", b, lambda: runner.knn_lm(runner.memory(b), k=runner.settings.k),
-                                                 config={"memory": runner.memory(b).name, "k": runner.settings.k}),
+        "kNN-MoE": lambda b: runner.load_balance("knn", b, lambda: runner.knn_lm(runner.memory(b), k=runner.k()),
+                                                 config={"memory": runner.memory(b).name, "k": runner.k()}),
     }
     rows = []
     for method, measure in methods.items():

@@ -123,7 +123,8 @@ class Settings:
     parallelize: bool = option("shard a model too large for one GPU over all visible GPUs (hf's parallelize)", False)
     # the build's defaults are hf-knnmoe's (options.py), never restated here
     eta: float = option(f"build step size (hf-knnmoe's default {default('eta'):g})", default("eta"))
-    k: int = option("neighbours per token and layer", default("k"))
+    k: int | None = option("neighbours per token and layer; default: each row's preset's own (paper "
+                           f"{default('k')}, plus {default('k', 'plus')})", None)
     steps: int = option("build gradient steps T", default("steps"))
     apply_chat_template: bool | str = option("as lm_eval's: format every method's prompts (runs, builds, SFT "
                                            "data) with the model's chat template (or the named one)", False, nargs="?")
@@ -233,7 +234,7 @@ class Runner:
         """The judge that labels references in the unlabelled ablation: `knn-dense` is this model with its
         gold-built dense-gradient memory; anything else is an lm-eval model spec `MODEL:ARGS`."""
         if self.settings.judge == "knn-dense":
-            return self.knn_lm(self.memory(bench, **DENSE), k=self.settings.k)
+            return self.knn_lm(self.memory(bench, **DENSE), k=self.k())
         from lm_eval.api.registry import get_model
 
         model, _, args = self.settings.judge.partition(":")
@@ -358,6 +359,10 @@ class Runner:
         write_json_atomic(path, {"config": config or {}, "contexts": contexts, "loss": loss})
         return np.array(loss)
 
+    def k(self, preset: str = "paper") -> int:
+        """--k where given, else the preset's own: the plus rows are the recipe, k included."""
+        return self.settings.k if self.settings.k is not None else default("k", preset)
+
     # -- methods -------------------------------------------------------------------------------------------------
     def zero_shot(self, bench: Benchmark) -> dict:
         return self.scores("zero-shot", bench, lambda: self.base)
@@ -366,7 +371,7 @@ class Runner:
             **options) -> dict:
         if n == 0:  # N = 0 is the stock model: an empty reference set
             return self.zero_shot(bench)
-        options = {"k": self.settings.k, **options}
+        options = {"k": self.k(options.get("preset", "paper")), **options}
         memory = self.memory(bench, n=n, **(build or {}))
         return self.scores(run, bench, lambda: self.knn_lm(memory, **options),
                            config={"memory": memory.name, **options})
@@ -459,7 +464,7 @@ def table(runner: Runner) -> dict:
     errors = {f"{m} on {b}": per_bench[b][m]["error"] for m in methods for b in s.benchmarks
               if "error" in per_bench[b].get(m, {})}
     notes = [f"kNN-MoE memories: η = {s.eta:g}, T = {s.steps}, loss = {default('loss')}, positions = "
-             f"{default('positions')}; k = {s.k}, similarity = {default('similarity')} (hf-knnmoe's defaults unless set).",
+             f"{default('positions')}; k = {s.k or default('k')}, similarity = {default('similarity')} (hf-knnmoe's defaults unless set).",
              f"kNN-MoE (plus): preset=plus ({', '.join(f'{k} = {v}' for k, v in PRESETS['plus'].items())}), "
              f"calibration text: {s.calibration or 'none'}; docs/plus.md."]
     loglik = [b for b in s.benchmarks if BENCHMARKS[b].scoring(s.scoring) == "loglik"]
