@@ -8,7 +8,7 @@ import torch
 from knnmoe_eval.core.families import FAMILIES
 from knnmoe_eval.testing import make_tiny_model, router_inputs, save_tiny, write_constant_memory
 
-IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))  # the `mem` fixture's tokens
+_MEM_IDS = torch.randint(4, 250, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
 def pytest_report_header(config):
@@ -45,7 +45,13 @@ def model():
 
 
 @pytest.fixture
-def mem(tmp_path, model):
-    """A memory of `model`'s own router inputs on IDS (so those tokens are near it) with seeded values."""
+def mem_ids():
+    """The tokens whose router inputs are `mem`'s keys: near the memory."""
+    return _MEM_IDS
+
+
+@pytest.fixture
+def mem(tmp_path, model, mem_ids):
+    """A memory of `model`'s own router inputs on `mem_ids` (so those tokens are near it) with seeded values."""
     values = lambda l, n, e: torch.randn(n, e, generator=torch.Generator().manual_seed(l)) * 10  # noqa: E731
-    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, IDS), values)
+    return write_constant_memory(tmp_path / "mem", model, router_inputs(model, mem_ids), values)

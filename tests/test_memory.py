@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from conftest import IDS
 from safetensors.torch import save_file
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
@@ -15,8 +14,8 @@ from knnmoe_eval.core.options import KnnMoeOptions, split_model_args
 from knnmoe_eval.testing import make_tiny_model, router_inputs, signature, write_constant_memory
 
 
-def test_round_trip_keeps_fp16_keys_fp32_values_and_sigma_stats(mem, model):
-    keys = router_inputs(model, IDS)
+def test_round_trip_keeps_fp16_keys_fp32_values_and_sigma_stats(mem, model, mem_ids):
+    keys = router_inputs(model, mem_ids)
     m = load_memory(mem)
     for layer, lm in m.layers.items():
         assert lm.keys.dtype == torch.float16 and lm.values.dtype == torch.float32
@@ -89,8 +88,8 @@ def test_corrupted_and_truncated_shards_fail_the_checksum(mem):
         load_memory(mem)
 
 
-def test_nan_keys_are_refused_at_write_and_at_load(tmp_path, mem, model):
-    keys = router_inputs(model, IDS)
+def test_nan_keys_are_refused_at_write_and_at_load(tmp_path, mem, model, mem_ids):
+    keys = router_inputs(model, mem_ids)
     keys[0][3, 1] = float("nan")
     with pytest.raises(KnnMoeError, match="NaN"):
         write_memory(tmp_path / "bad", keys, {l: torch.zeros(k.shape[0], 8) for l, k in keys.items()}, signature(model))
@@ -116,9 +115,9 @@ def test_k_larger_than_the_memory(mem, model):
             pass
 
 
-def test_existing_memory_is_not_overwritten(mem, model):
+def test_existing_memory_is_not_overwritten(mem, model, mem_ids):
     with pytest.raises(KnnMoeError, match="already holds a memory"):
-        write_constant_memory(mem, model, router_inputs(model, IDS), lambda l, n, e: torch.zeros(n, e))
+        write_constant_memory(mem, model, router_inputs(model, mem_ids), lambda l, n, e: torch.zeros(n, e))
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from conftest import IDS
 from test_build import builder
 
 from knnmoe_eval import KnnMoeError, attach, load_memory
@@ -53,12 +52,12 @@ def test_a_hub_base_model_and_its_revision_reach_the_metadata(mem):
     assert "pretrained=allenai/OLMoE-1B-7B-0125-Instruct,memory=org/mem" in text
 
 
-def test_loading_never_needs_nor_reads_the_card(mem, model):
+def test_loading_never_needs_nor_reads_the_card(mem, model, mem_ids):
     with torch.no_grad(), attach(model, mem):
-        good = model(IDS).logits
+        good = model(mem_ids).logits
     (mem / CARD).write_bytes(b"\xff\xfe not even text")
     with torch.no_grad(), attach(model, mem):
-        assert torch.equal(model(IDS).logits, good)
+        assert torch.equal(model(mem_ids).logits, good)
     (mem / CARD).unlink()
     load_memory(mem)
 
