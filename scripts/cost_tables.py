@@ -4,9 +4,11 @@ The model is OLMoE-1B-7B-0125-Instruct from its vendored published config (`knnm
 2048, 16 heads, 64 experts of width 1024, top-8, vocabulary 50304, its real tokenizer), random weights, with
 `num_hidden_layers` cut to --layers (1 by default: what 2 CPU cores and a few minutes allow). Every figure is
 measured at --layers layers and, marked "extrapolated", scaled to OLMoE's 16 layers:
-- time: stock time is fitted as a + b·layers from runs at --layers and --layers + 1 (the fixed part a is the
-  embedding, the LM head and the decoding loop; b one decoder layer), and kNN-MoE's extra time (search and
-  mixing, which happen once per MoE layer) is multiplied by 16 / --layers;
+- inference time: the stock time splits into the decoder layers' share (forward hooks, in a run of its own) and
+  the rest (embedding, LM head, decoding loop); the layers' part is multiplied by 16 / --layers, and so is
+  kNN-MoE's extra time (search and mixing happen once per MoE layer);
+- build time: a line a + b·layers through builds at --layers and --layers + 1 (the backward crosses every layer
+  above the lowest router, so a forward share would not do);
 - memory: stock weights of the missing layers are added from the parameter count, kNN-MoE's extra memory (index,
   values) is multiplied by 16 / --layers.
 
@@ -26,8 +28,8 @@ The paper's N values are lost from its text export. Our reading: Table 9's exact
 (182,822, docs/tasks.md). Those are the default --keys. Memories hold synthetic clustered keys
 (perf_overhead.synthetic_keys): timing and memory do not depend on what the keys are.
 
-    OMP_NUM_THREADS=2 python scripts/cost_tables.py          # CPU, defaults: ~6 minutes on 2 cores, ~6 GiB
-    python scripts/cost_tables.py --layers 16 --gen-tokens 256 --examples 32   # a GPU: the whole model, no fit
+    OMP_NUM_THREADS=2 python scripts/cost_tables.py   # CPU defaults: 11 min on 2 loaded cores, 5.4 GiB
+    python scripts/cost_tables.py --layers 16 --gen-tokens 256 --examples 32   # a GPU: all 16 layers, nothing extrapolated
 
 Writes --json (results/cost_tables.json) and prints the three tables.
 """
@@ -151,6 +153,31 @@ def timed_generation(lm, reqs, device) -> tuple[float, list[str]]:
     return time.perf_counter() - start, out
 
 
+def layer_share(model, lm, reqs, device) -> float:
+    """The share of a stock generation's time spent inside the decoder layers (forward hooks on each, CUDA
+    synchronised there): the rest is the embedding, the LM head and the decoding loop. A ratio from one run, so
+    that load drifting between runs does not enter the 16-layer extrapolation; timed in a run of its own, as the
+    hooks' synchronisation would slow a timed one."""
+    inside, started = [0.0], []
+
+    def pre(module, args):
+        _sync(device)
+        started.append(time.perf_counter())
+
+    def post(module, args, output):
+        _sync(device)
+        inside[0] += time.perf_counter() - started.pop()
+
+    handles = [h for layer in model.model.layers for h in (layer.register_forward_pre_hook(pre),
+                                                           layer.register_forward_hook(post))]
+    try:
+        total, _ = timed_generation(lm, reqs, device)
+    finally:
+        for h in handles:
+            h.remove()
+    return inside[0] / total
+
+
 def build_seconds(model, tok, device, reqs, workdir: Path) -> float:
     """Wall seconds of `hf-knnmoe` mode=build over `reqs`, memory written included."""
     out = Path(tempfile.mkdtemp(dir=workdir)) / "built"
@@ -186,24 +213,19 @@ def layer_weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in layer.parameters())
 
 
-def stock_phase(layers: int, args, device, dtype, texts_test, texts_ref, workdir) -> dict:
-    """The model at `layers` layers without memories: stock generation and the build (for the layer fit)."""
+def build_fit_phase(layers: int, args, device, dtype, texts_ref, workdir) -> dict:
+    """The build at `layers` layers (--layers + 1), for the line through two layer counts: a build's backward
+    crosses every layer above the lowest router, so its per-layer cost is not a forward share."""
     from knnmoe_eval.testing_real import make_real_model, real_tokenizer
 
     tok = real_tokenizer(MODEL)
     model = make_real_model(MODEL, num_hidden_layers=layers, dtype=dtype).to(device)
-    hf = make_lm(model, tok, device)
-    reqs = generation_requests(texts_test, args.gen_tokens)
-    timed_generation(hf, reqs[:1], device)  # warm-up: allocator, threads, kernels
+    reqs = loglikelihood_requests(texts_ref)
     with Load() as load:
-        hf_s, _ = timed_generation(hf, reqs, device)
-    build_s = build_seconds(model, tok, device, loglikelihood_requests(texts_ref), workdir) if args.references else None
-    out = {"layers": layers, "stock_s_per_example": hf_s / len(reqs),
-           "build_s_per_reference": None if build_s is None else build_s / args.references,
-           "layer_weight_bytes": layer_weight_bytes(model), **load.record}
-    del hf, model
+        build_s = build_seconds(model, tok, device, reqs, workdir)
+    del model
     trim()
-    return out
+    return {"layers": layers, "build_s_per_reference": build_s / args.references, **load.record}
 
 
 def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> tuple[list[dict], dict]:
@@ -218,6 +240,7 @@ def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> 
     with PeakMemory(device) as mem:
         timed_generation(hf, reqs, device)
         stock_peak = mem.measure()
+    share = layer_share(model, hf, reqs, device)
     progress.update()
     for n in args.keys:
         path = random_memory(workdir / f"mem{n}", model, n)
@@ -247,10 +270,15 @@ def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> 
             if r["keys"] == n:
                 r.update(stock_s_per_example=sum(hf_s) / 2 / len(reqs), stock_s=[round(s, 3) for s in hf_s], **load.record)
         shutil_rmtree(workdir / f"mem{n}")
-    build_s = build_seconds(model, tok, device, loglikelihood_requests(texts_ref), workdir) if args.references else None
+    build_s = None
+    if args.references:
+        build_seconds(model, tok, device, loglikelihood_requests(texts_ref[:1]), workdir)  # warm-up
+        with Load() as build_load:
+            build_s = build_seconds(model, tok, device, loglikelihood_requests(texts_ref), workdir)
     progress.update()
-    base = {"layers": args.layers, "stock_peak": stock_peak, "index_train_s": index_train,
+    base = {"layers": args.layers, "stock_peak": stock_peak, "index_train_s": index_train, "layer_share": share,
             "build_s_per_reference": None if build_s is None else build_s / args.references,
+            "build_load": build_load.record if build_s is not None else None,
             "layer_weight_bytes": layer_weight_bytes(model)}
     del hf, model
     trim()
@@ -269,11 +297,11 @@ def shutil_rmtree(path: Path) -> None:
 def tables(rows: list[dict], base: dict, fit: dict | None, args) -> dict:
     """The three tables: measured at --layers, extrapolated to 16 layers, the paper's figures beside."""
     L, scale = args.layers, REAL_LAYERS / args.layers
-    stock_at = {L: rows[0]["stock_s_per_example"]} if rows else {}
-    if fit:
-        stock_at = {L: fit["at_layers"]["stock_s_per_example"], fit["layers"]: fit["stock_s_per_example"]}
-    stock16 = extrapolate(stock_at) if len(stock_at) == 2 else None
     paper_n = paper_keys()
+    stock_l = sum(r["stock_s_per_example"] for r in rows) / len(rows) if rows else None
+    # fixed part (1 - share) and one layer (share / L) of the stock time, the layer repeated 16 times
+    share = base["layer_share"]
+    stock16 = None if stock_l is None else stock_l * ((1 - share) + share * REAL_LAYERS / L)
 
     def paper_col(table: str, index: str, n: int):
         return PAPER[table][index][paper_n.index(n)] if n in paper_n else None
@@ -281,7 +309,6 @@ def tables(rows: list[dict], base: dict, fit: dict | None, args) -> dict:
     t8, t9 = [], []
     stock_peak = base["stock_peak"]["peak_bytes"]
     weights16 = stock_peak + (REAL_LAYERS - L) * base["layer_weight_bytes"]
-    stock_l = sum(r["stock_s_per_example"] for r in rows) / len(rows) if rows else None
     t8.append({"N (keys/layer)": 0, "index": "none (hf)",
                f"ms/example ({L} layer)": None if stock_l is None else 1000 * stock_l, "× hf": 1.0,
                "ms/example (16 layers, extrapolated)": None if stock16 is None else 1000 * stock16,
@@ -373,7 +400,7 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=160, help="tokens per prompt (question, options, 'Answer:')")
     p.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens generated per example")
     p.add_argument("--no-fit", action="store_true",
-                   help="skip the run at --layers + 1 that separates the per-layer stock time from the fixed part")
+                   help="skip the build at --layers + 1 that separates the build's per-layer time from its fixed part")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA (the paper's), float32 on the CPU")
     p.add_argument("--workdir", type=Path, default=None, help="memories are written here (default: a temporary dir)")
@@ -383,7 +410,7 @@ def main() -> None:
     quiet = require_quiet(args.allow_load)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    fit = args.layers < REAL_LAYERS and not args.no_fit
+    fit = args.layers < REAL_LAYERS and not args.no_fit and args.references > 0
 
     from knnmoe_eval.testing_real import real_tokenizer
 
@@ -396,11 +423,8 @@ def main() -> None:
         rows, base = knn_phase(args, device, dtype, texts_test, texts_ref, Path(tmp), progress)
         fit_run = None
         if fit:
-            fit_run = stock_phase(args.layers + 1, args, device, dtype, texts_test, texts_ref, Path(tmp))
-            fit_run["at_layers"] = {"stock_s_per_example": sum(r["stock_s_per_example"] for r in rows) / max(len(rows), 1)}
+            fit_run = build_fit_phase(args.layers + 1, args, device, dtype, texts_ref, Path(tmp))
             progress.update()
-    if fit_run and not rows:
-        fit_run = None
     out_tables = tables(rows, base, fit_run, args)
     out = {
         "model": {"name": MODEL, "layers": args.layers, "real_layers": REAL_LAYERS, "dtype": str(dtype),
