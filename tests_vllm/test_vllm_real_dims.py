@@ -5,10 +5,12 @@ with values that reroute) and nothing like two others (far: every token beyond `
 exactly). The far prompts reproduce plain vLLM bit for bit (prompt logprobs and greedy generation); the near
 ones reroute and agree with hf-knnmoe's logprobs on the same tokens.
 
-Cheap by design: two engines (plain vLLM and vllm-knnmoe: vLLM cannot swap a memory, hence one memory for both
-claims), eager (enforce_eager: compiling this layer costs more than this file's budget on 2 cores; the compiled
-path is test_vllm_knnmoe.py's, on the tiny models), one sequence at a time (max_num_seqs=1: the far prompts'
-batches are then the same in both engines, whatever the scheduler's timing)."""
+Cheap by design (~65 s at OMP_NUM_THREADS=2): two engines (plain vLLM, with the knnmoe plugin registered as
+everywhere but no memory, and vllm-knnmoe: vLLM cannot swap a memory, hence one memory for both claims), eager
+(enforce_eager: compiling this layer costs more than this file's budget on 2 cores; the compiled path is
+test_vllm_knnmoe.py's, on the tiny models), inside this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: an engine's
+two processes would each import vLLM and torch anew, ~40 s of each start on 2 cores), one sequence at a time
+(max_num_seqs=1: the far prompts' batches are then the same in both engines, whatever the scheduler's timing)."""
 
 import gc
 
@@ -26,7 +28,7 @@ from knnmoe_eval.testing_real import make_real_model, real_tokenizer
 
 NAME = "olmoe-1b-7b-0125-instruct"
 MAX_DISTANCE = 1.0  # vLLM finds the near keys at a rounding distance (~1e-3); other tokens' inputs lie ~10-60 away
-ENGINE = "dtype=float32,max_model_len=256,max_num_seqs=1,seed=0,enforce_eager=True,enable_prefix_caching=False"
+ENGINE = "dtype=float32,max_model_len=256,max_num_batched_tokens=256,max_num_seqs=1,seed=0,enforce_eager=True,enable_prefix_caching=False"
 GEN = 4
 NEAR = [
     "Question: A 46-year-old man presents with three weeks of progressive fatigue, exertional dyspnoea and a dry "
@@ -86,7 +88,7 @@ def real_olmoe(tmp_path_factory):
             retriever.reset_diagnostics()
             hf["near"] = logprobs(near)
             hf["near_diag"] = retriever.diagnostics()
-    del model
+    del model, retriever  # the retriever holds the model's routers: both go before the engines start
     gc.collect()
     yield dict(dir=str(model_dir), near=near, far=far, memory=str(memory), hf=hf)
 
@@ -115,7 +117,19 @@ def _max_diff(xs, ys):
     return max((a - b).abs().max().item() for a, b in zip(xs, ys))
 
 
-def test_far_tokens_are_plain_vllm_and_near_ones_agree_with_hf_knnmoe(real_olmoe):
+@pytest.fixture
+def in_process(monkeypatch):
+    """Engines inside this process (no engine-core and worker processes, each of which would import vLLM and
+    torch anew: most of an engine's start on 2 cores); the routing state they install here is put back after."""
+    from knnmoe_eval.harness.vllm_plugin import ROUTING
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    saved = ROUTING.retriever, ROUTING.sites, ROUTING.calls
+    yield
+    ROUTING.retriever, ROUTING.sites, ROUTING.calls = saved
+
+
+def test_far_tokens_are_plain_vllm_and_near_ones_agree_with_hf_knnmoe(real_olmoe, in_process):
     r, hf = real_olmoe, real_olmoe["hf"]
     near, far = r["near"], r["far"]
     assert 25 < min(map(len, near + far)) and max(map(len, near + far)) < 120  # real-tokenizer prompts
