@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -221,6 +222,7 @@ def build_fit_phase(layers: int, args, device, dtype, texts_ref, workdir) -> dic
     tok = real_tokenizer(MODEL)
     model = make_real_model(MODEL, num_hidden_layers=layers, dtype=dtype).to(device)
     reqs = loglikelihood_requests(texts_ref)
+    build_seconds(model, tok, device, reqs[:1], workdir)  # warm-up, as at --layers
     with Load() as load:
         build_s = build_seconds(model, tok, device, reqs, workdir)
     del model
@@ -259,17 +261,18 @@ def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> 
                     seconds, texts = timed_generation(lm, reqs, device)
                     peak = mem.measure()
                 lam = [d["mean_lambda"] for d in lm.retriever.diagnostics().values()]
+                generated = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
                 rows.append({"keys": n, "index": index, "setup_s": setup, "s_per_example": seconds / len(reqs),
-                             "peak_bytes": peak, "mean_lambda": sum(lam) / len(lam),
-                             "generated_tokens": sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)})
+                             "peak_bytes": peak, "mean_lambda": sum(lam) / len(lam), "generated_tokens": generated})
                 del lm
                 trim()
                 progress.update()
             hf_s.append(timed_generation(hf, reqs, device)[0])
         for r in rows:
             if r["keys"] == n:
-                r.update(stock_s_per_example=sum(hf_s) / 2 / len(reqs), stock_s=[round(s, 3) for s in hf_s], **load.record)
-        shutil_rmtree(workdir / f"mem{n}")
+                r.update(stock_s_per_example=sum(hf_s) / 2 / len(reqs), stock_s=[round(t, 3) for t in hf_s],
+                         **load.record)
+        shutil.rmtree(workdir / f"mem{n}", ignore_errors=True)
     build_s = None
     if args.references:
         build_seconds(model, tok, device, loglikelihood_requests(texts_ref[:1]), workdir)  # warm-up
@@ -283,12 +286,6 @@ def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> 
     del hf, model
     trim()
     return rows, base
-
-
-def shutil_rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # -- tables -----------------------------------------------------------------------------------------------
