@@ -141,6 +141,7 @@ def test_every_ablation_writes_table_json_and_plot(name, toy_dir, shared_pieces,
         for r in rows:  # the paper's Table 8 unit: 12 + 12 test items
             expected = None if r["eval s"] is None else pytest.approx(1000 * r["eval s"] / 24)
             assert r["ms per example"] == expected
+            assert (r["peak MiB"] is None) == (r["eval s"] is None) and (r["peak MiB"] or 100) >= 100  # a process
     if name == "cost":
         assert rows[-1]["method"] == "C3PO" and rows[-1]["build s"] > 0 and rows[-1]["eval s"] > 0
         exact, ivfpq = rows[0], rows[1]  # the same memory; IVFPQ's build adds its index training (Table 7)

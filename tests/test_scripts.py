@@ -20,6 +20,9 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 # Per script: the arguments of its quickest run ({tmp}: the test's directory) and the file or printed text that run
 # must leave; None where there is no run of seconds to make (said why).
 QUICK = {
+    "cost_tables.py": (["--keys", "2000", "--examples", "1", "--references", "1", "--prompt-tokens", "24",
+                        "--gen-tokens", "2", "--no-fit", "--allow-load", "--json", "{tmp}/cost_tables.json"],
+                       "cost_tables.json"),
     "demo.py": None,  # its one run is `make demo` (~3 min: trains the README's toy)
     "gpu_check.py": (["--device", "cpu", "--layers", "1", "--keys", "2000", "--tokens", "16", "--reps", "1",
                       "--json", "{tmp}/gpu_check.json"], "gpu_check.json"),
@@ -89,6 +92,16 @@ def _load(script: str):
         return module
     finally:
         sys.path.remove(str(SCRIPTS))
+
+
+def test_cost_tables_reads_the_papers_memory_sizes_and_extrapolates_linearly():
+    """Tables 8-9's N, lost from the paper's text, read back from Table 9's exact column: the largest is the whole
+    MedMCQA train split at one answer token per reference (docs/tasks.md); and the 16-layer fit is a line."""
+    cost = _load("cost_tables.py")
+    keys = cost.paper_keys()
+    assert keys == sorted(keys) and abs(keys[-1] - cost.REFERENCES) / cost.REFERENCES < 0.01
+    assert 1.9 < keys[1] / keys[0] < 2.1 and 1.9 < keys[2] / keys[1] < 2.1
+    assert cost.extrapolate({1: 3.0, 2: 5.0}) == 3.0 + 2.0 * 15 and cost.extrapolate({2: 1.0, 4: 1.0}) == 1.0
 
 
 def test_machine_load_records_the_others_load():

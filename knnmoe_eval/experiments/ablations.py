@@ -198,30 +198,25 @@ def _keys(memories: dict) -> int:
 
 
 def _timed(runner, benches, make_lm) -> tuple[float, float | None, int]:
-    """Wall seconds of evaluating every benchmark's test task, the process's peak memory meanwhile (CUDA: peak
-    allocated by torch, which faiss-gpu's own allocations are not; CPU on Linux: peak resident set, reset first),
-    and the test items evaluated. Models, memories and tasks are loaded before the clock starts, so the time is the
-    evaluation's alone; their memory is inside the peak."""
-    import torch
+    """Wall seconds of evaluating every benchmark's test task, the peak memory meanwhile in MiB (`PeakMemory`: on
+    CUDA torch's peak allocation plus the device memory outside torch, faiss-gpu's included; on the CPU the peak
+    anonymous resident memory), and the test items evaluated. Models, memories and tasks are loaded before the
+    clock starts, so the time is the evaluation's alone; what they hold is inside the peak, their loading's
+    transient buffers are not."""
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import get_task_dict
 
-    cuda = torch.cuda.is_available() and str(runner.base.device).startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    elif Path("/proc/self/clear_refs").exists():
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+    from .peak_memory import PeakMemory
+
     runs = [(make_lm(b), get_task_dict([b.test_task(runner.settings.scoring)], runner.task_manager)) for b in benches]
-    start, items = time.perf_counter(), 0
-    for lm, tasks in runs:
-        result = evaluate(lm, tasks, limit=runner.settings.limit, bootstrap_iters=0, verbosity="ERROR")
-        items += sum(count["effective"] for count in result["n-samples"].values())
-    wall = time.perf_counter() - start
-    if cuda:
-        return wall, torch.cuda.max_memory_allocated() / 2**20, items
-    status = Path("/proc/self/status")
-    peak = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
-    return wall, int(peak.group(1)) / 1024 if peak else None, items
+    with PeakMemory(runner.base.device) as peak:
+        start, items = time.perf_counter(), 0
+        for lm, tasks in runs:
+            result = evaluate(lm, tasks, limit=runner.settings.limit, bootstrap_iters=0, verbosity="ERROR")
+            items += sum(count["effective"] for count in result["n-samples"].values())
+        wall = time.perf_counter() - start
+        peak_bytes = peak.measure()["peak_bytes"]
+    return wall, None if peak_bytes is None else peak_bytes / 2**20, items
 
 
 def _unlabelled(runner, benches):
