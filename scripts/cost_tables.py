@@ -357,7 +357,7 @@ def _fmt(v):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
     return v
 
 
