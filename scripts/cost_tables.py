@@ -31,7 +31,7 @@ The paper's N values are lost from its text export. Our reading: Table 9's exact
     OMP_NUM_THREADS=2 python scripts/cost_tables.py   # CPU defaults: 11 min on 2 loaded cores, 5.4 GiB
     python scripts/cost_tables.py --layers 16 --gen-tokens 256 --examples 32   # a GPU: all 16 layers, nothing extrapolated
 
-Writes --json (results/cost_tables.json) and prints the three tables.
+Writes --json (results/cost_tables.json), a plot of Tables 8 and 9 beside it (.png), and prints the three tables.
 """
 
 from __future__ import annotations
@@ -357,7 +357,7 @@ def _fmt(v):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
     return v
 
 
@@ -366,6 +366,37 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def plot(out: dict, path: Path) -> None:
+    """Tables 8 and 9 against N, ours (16 layers, extrapolated) solid, the paper's dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (table, col, paper, title) in zip(axes, [
+        ("table8", "× hf (16, extrapolated)", "paper ×", "Table 8: latency per example, × stock"),
+        ("table9", "Δ GB (16, extrapolated)", "paper Δ GB", "Table 9: memory over stock, GB"),
+    ]):
+        rows = out["tables"][table]
+        for index, color in (("exact", "C0"), ("ivfpq", "C1")):
+            pts = [(0, rows[0][col] or 0)] + [(r["N (keys/layer)"], r[col]) for r in rows if r["index"] == index]
+            ppts = [(0, rows[0][paper])] + [(r["N (keys/layer)"], r[paper]) for r in rows
+                                            if r["index"] == index and r[paper] is not None]
+            if all(v is not None for _, v in pts):
+                ax.plot(*zip(*pts), "o-", color=color, label=f"ours, {index}")
+            if len(ppts) > 1:
+                ax.plot(*zip(*ppts), "s--", color=color, alpha=0.6, label=f"paper, {index}")
+        ax.set(title=title, xlabel="keys per layer (N)")
+        ax.legend()
+    m = out["machine"]
+    fig.suptitle(f"OLMoE-1B-7B dims, {out['model']['layers']} of 16 layers extrapolated; {m['device']} "
+                 f"({m['cpu']}, {m['torch_threads']} threads) vs the paper's A100", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def machine(device: torch.device) -> dict:
@@ -433,6 +464,7 @@ def main() -> None:
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2, default=str))
+    plot(out, args.json.with_suffix(".png"))
     m = out["machine"]
     print(f"\nOLMoE-1B-7B real dimensions, {args.layers} of 16 layers, {dtype}, {m['device']} ({m['cpu']}, "
           f"{m['torch_threads']} threads); {args.examples} examples of {args.prompt_tokens} prompt + "
