@@ -279,10 +279,10 @@ def test_the_build_refuses_a_radius_that_admits_the_models_own_samples(tmp_path)
     refs = random_references(n=48, n_cont=3)  # random tokens, as the random model samples: no radius separates them
     given = {"mode": "build", "preset": "plus", "probe_tokens": 256}
 
-    def build_with(path, **extra):
+    def build_with(path, batch_size=16, **extra):
         b = MemoryBuilder(model, find_routers(model), signature(model),
                           KnnMoeOptions(memory=str(path), **given, **extra))
-        b.build(refs, pad_id=0, batch_size=16)
+        b.build(refs, pad_id=0, batch_size=batch_size)
         return b
 
     with pytest.raises(KnnMoeError, match=r"no safe radius.*calibration=FILE.*radius_scale<=") as refused:
@@ -298,3 +298,7 @@ def test_the_build_refuses_a_radius_that_admits_the_models_own_samples(tmp_path)
     assert entry["probe_admitted"] == pytest.approx(float((nearest <= entry["radius"]).double().mean()), abs=1 / 256)
     assert entry["probe_admitted"] <= 0.01 and len(b.probe[first]) == 256
     assert memory.manifest["build"]["probe"]["tokens"] == 256
+    # the probe's text does not depend on the build's batch size (a merge resumed on its own reads it alone)
+    other = build_with(tmp_path / "safe_b5", batch_size=5, radius_scale=scale)
+    assert torch.equal(other.probe[first], b.probe[first])
+    assert load_memory(tmp_path / "safe_b5").manifest["layers"][str(first)]["probe_admitted"] == entry["probe_admitted"]

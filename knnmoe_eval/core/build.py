@@ -48,6 +48,7 @@ RADIUS_RULE = "within every layer's radius so far (mixing.agree_with_earlier)"
 CALIBRATION_TOKENS = 4096  # calibration tokens read per layer: its 0.001 quantile is about the 4th nearest
 PROBE_LENGTH = 32  # tokens sampled per probe row (probe_tokens): short enough for any model's context
 PROBE_SEED = 0
+PROBE_BATCH = 32  # rows sampled together: fixed, since the draws' order (so the text) depends on the batching
 
 
 @dataclass
@@ -266,8 +267,6 @@ class MemoryBuilder:
         if barrier is not None:
             barrier()
         if self.rank == 0:
-            if probes(self.options) and self.probe is None:
-                self.read_probe(self.options.probe_tokens, batch_size)
             self.finalize()
         if barrier is not None:
             barrier()
@@ -309,11 +308,12 @@ class MemoryBuilder:
         self.calibration_s = time.perf_counter() - start
 
     @torch.no_grad()
-    def read_probe(self, n_tokens: int, batch_size: int) -> None:
+    def read_probe(self, n_tokens: int) -> None:
         """Router inputs (stock routing) of `n_tokens` the stock model samples from its BOS token (seed
         PROBE_SEED): the model's own distribution, which without calibration text stands in for what the radius
         must not admit (`probe_tokens`; the check is `memory.write_memory_streamed`'s). The BOS itself is left out:
-        its router input is the same in every row."""
+        its router input is the same in every row. Rows go PROBE_BATCH at a time whatever the build's batch size, so
+        that a merge resumed on its own reads the text the uninterrupted build read."""
         start = time.perf_counter()
         config = self.model.config
         named = [getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None)]
@@ -327,8 +327,8 @@ class MemoryBuilder:
         gen = torch.Generator().manual_seed(PROBE_SEED)
         rows = -(-n_tokens // PROBE_LENGTH)
         kept: dict[int, list[torch.Tensor]] = {s.layer: [] for s in self.sites}
-        for first in range(0, rows, batch_size):
-            ids = torch.full((min(batch_size, rows - first), 1), bos, dtype=torch.long, device=device)
+        for first in range(0, rows, PROBE_BATCH):
+            ids = torch.full((min(PROBE_BATCH, rows - first), 1), bos, dtype=torch.long, device=device)
             past, step = None, ids
             for _ in range(PROBE_LENGTH):  # sampled on the CPU from one generator: the same text on any device
                 out = self.model(step, use_cache=True, **({} if past is None else {_cache_arg(self.model): past}))
@@ -390,8 +390,8 @@ class MemoryBuilder:
                     yield torch.cat(keys), torch.cat(values)
 
             o = self.options
-            if probes(o) and self.probe is None:  # a merge resumed on its own (finalize without build)
-                self.read_probe(o.probe_tokens, 32)
+            if probes(o) and self.probe is None:  # read once, here: for a build and for a merge resumed on its own
+                self.read_probe(o.probe_tokens)
             radius = None if o.radius_quantile is None else RadiusSpec(
                 o.radius_quantile, o.radius_scale, self.calibration, o.calibration_quantile,
                 self.probe if probes(o) else None, o.probe_bound)
@@ -453,7 +453,7 @@ def build_settings(opts: KnnMoeOptions) -> dict:
         settings["radius_rule"] = RADIUS_RULE
     if probes(opts):
         settings["probe"] = {"tokens": opts.probe_tokens, "bound": opts.probe_bound, "length": PROBE_LENGTH,
-                             "seed": PROBE_SEED, "text": "the stock model's samples from its BOS token"}
+                             "batch": PROBE_BATCH, "seed": PROBE_SEED, "text": "the stock model's samples from its BOS token"}
     return {**settings, "labels": None if opts.labels is None else describe(opts.labels),
             "calibration": None if opts.calibration is None else {
                 "sha256": sha256_file(Path(opts.calibration)), "quantile": opts.calibration_quantile}}
