@@ -135,8 +135,9 @@ def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer
     calibration = None
     if radius.calibration is not None and len(radius.calibration[layer]):
         calibration = nearest_sq_dists(radius.calibration[layer], keys_fp16)
+    quantiles = [float(torch.quantile(d, radius.quantile).sqrt()) for d in dists]  # raw, between normalised keys
     for i, name in enumerate(("radius", "radius_l2")):
-        r = radius.scale * float(torch.quantile(dists[i], radius.quantile).sqrt())
+        r = radius.scale * quantiles[i]
         if calibration is not None:
             cap = float(torch.quantile(calibration[i], radius.calibration_quantile).sqrt())
             if cap <= 0:
@@ -152,11 +153,10 @@ def layer_stats(keys_fp16: torch.Tensor, radius: RadiusSpec | None = None, layer
         near = nearest_sq_dists(radius.probe[layer], keys_fp16)[0].sqrt()  # (m,) float64
         stats["probe_admitted"] = float((near <= stats["radius"]).double().mean())
         # the largest scale that admits at most probe_bound of them: below the bound's quantile of their distances
-        quantile = float(torch.quantile(dists[0], radius.quantile).sqrt())
         # (the j nearest may be admitted, j = bound x m: the radius must stay below the (j+1)-th)
         ordered, j = near.sort().values, int(radius.probe_bound * len(near))
-        if j < len(near) and quantile > 0:
-            stats["probe_safe_scale"] = float(ordered[j]) / quantile * (1 - 1e-6)
+        if j < len(near) and quantiles[0] > 0:
+            stats["probe_safe_scale"] = float(ordered[j]) / quantiles[0] * (1 - 1e-6)
     return stats
 
 
