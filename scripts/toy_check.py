@@ -171,11 +171,8 @@ def nearest_neighbour_domains(model, tokenizer, refs, tests, rules):
         flat = torch.arange(len(records)) * ids.shape[1] + last
         return [h[flat] for _, h in sorted(router_inputs(model, ids).items())]
 
-    def previous(r):
-        pairs = r["context"].split(":", 1)[1].split()
-        return pairs[-2][0] if len(pairs) > 1 else r["query"]
-
-    labels = {"domain": rules.answer_source, "query": lambda r: r["query"], "previous": previous}
+    labels = {"domain": rules.answer_source, "query": lambda r: r["query"],
+              "previous": lambda r: toy.previous_symbol(r) or r["query"]}
     ref_labels = {name: [f(r) for r in refs] for name, f in labels.items()}
     test_labels = {name: [f(r) for r in tests] for name, f in labels.items()}
     out = {name: [] for name in labels}

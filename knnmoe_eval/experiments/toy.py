@@ -132,8 +132,13 @@ class Rules:
 
     def answer_source(self, record: dict) -> int:
         """The training domain whose rule answers a generated item's question (`_item`'s record)."""
-        pairs = record["context"].split(":", 1)[1].split()  # "X: cf ak t" -> ["cf", "ak", "t"]
-        return self.source(record["context"][0], record["query"], pairs[-2][0] if len(pairs) > 1 else None)
+        return self.source(record["context"][0], record["query"], previous_symbol(record))
+
+
+def previous_symbol(record: dict) -> str | None:
+    """The symbol before a generated item's query symbol (what `shift="pair"` also reads), None for the first."""
+    pairs = record["context"].split(":", 1)[1].split()  # "X: cf ak t" -> ["cf", "ak", "t"]
+    return pairs[-2][0] if len(pairs) > 1 else None
 
 
 # The generalisation toy of docs/plus.md, fixed before the `preset=plus` recipe was tuned on the README's toy:
