@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine_load import Load, require_quiet  # noqa: E402
 from perf_overhead import random_memory  # noqa: E402
 
+from knnmoe_eval.experiments.ablations import markdown_rows  # noqa: E402
 from knnmoe_eval.experiments.peak_memory import PeakMemory, trim  # noqa: E402
 
 MODEL = "olmoe-1b-7b-0125-instruct"
@@ -353,19 +354,12 @@ def tables(rows: list[dict], base: dict, fit: dict | None, args) -> dict:
     return {"table7": t7, "table8": t8, "table9": t9}
 
 
-def _fmt(v):
+def _fmt(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
-    return v
-
-
-def markdown(rows: list[dict]) -> str:
-    cols = list(dict.fromkeys(c for r in rows for c in r))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(_fmt(r.get(c))) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
+    return str(v)
 
 
 def plot(out: dict, path: Path) -> None:
@@ -471,7 +465,7 @@ def main() -> None:
           f"{args.gen_tokens} generated tokens; 'extrapolated' columns scale to 16 layers (see --help)")
     for name, title in (("table7", "Table 7: preparation time"), ("table8", "Table 8: latency per example"),
                         ("table9", "Table 9: peak memory during inference")):
-        print(f"\n{title}\n{markdown(out_tables[name])}")
+        print(f"\n{title}\n{markdown_rows(out_tables[name], _fmt)}")
     print(f"\nThe paper's N (keys per layer, our reading of Table 9): {paper_keys()}; its Table 7 memory: {REFERENCES} "
           "references. Its IVFPQ extra index time is lost from the text export (None).")
     loaded = [r for r in rows if r.get("loaded")]

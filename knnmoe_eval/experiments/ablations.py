@@ -44,7 +44,7 @@ def ablate(runner, name: str) -> str:
     out = runner.out / "ablations"
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / f"{name}.json", {"ablation": name, "rows": rows})
-    markdown = f"### Ablation: {name}\n\n" + _markdown(rows)
+    markdown = f"### Ablation: {name}\n\n" + markdown_rows(rows) + "\n"
     (out / f"{name}.md").write_text(markdown)
     _plot(rows, x, y, kind, f"{name} ({runner.pretrained.rstrip('/').split('/')[-1]})", out / f"{name}.png")
     return markdown
@@ -305,19 +305,20 @@ ABLATIONS = {"n": _n, "k": _k, "steps": _steps, "similarity": _similarity, "ppl"
              "plus": _plus}
 
 
-def _markdown(rows: list[dict]) -> str:
+def _cell(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def markdown_rows(rows: list[dict], fmt=_cell) -> str:
+    """A markdown table of `rows`, one column per key in first-seen order, each cell `fmt(value)`."""
     columns = list(dict.fromkeys(c for r in rows for c in r))
-
-    def fmt(v):
-        if v is None:
-            return "—"
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
-        return str(v)
-
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _plot(rows: list[dict], x: str, y: str, kind: str, title: str, path: Path) -> None:
