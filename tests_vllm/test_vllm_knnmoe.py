@@ -116,19 +116,20 @@ def test_another_models_memory_is_refused_as_by_hf_knnmoe(olmoe_dir, far, tmp_pa
     assert str(vllm_err.value) == str(hf_err.value)
 
 
-def _route(lm, seqs, gen):
-    """Prompt logprobs of seqs, then greedy generations of `gen` tokens; the diagnostics and op calls of each."""
+def _route(lm, seqs, gen, knn=True):
+    """Prompt logprobs of seqs, then greedy generations of `gen` tokens; the op calls so far and the diagnostics of
+    each (None for plain vllm, `knn=False`)."""
     from vllm import SamplingParams, TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
+    rpc = (lambda name, *args: lm.model.collective_rpc(name, args=args)[0]) if knn else (lambda *_: None)
     runs = []
     # temperature=0: vLLM samples at temperature 1 by default, and a sampled token is no comparison
     for params in (SamplingParams(max_tokens=1, prompt_logprobs=0),
                    SamplingParams(max_tokens=gen, ignore_eos=True, temperature=0, logprobs=2)):
-        lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))
+        rpc("knnmoe_diagnostics", True)  # forget what ran before
         outs = lm.model.generate(prompts, params, use_tqdm=False)
-        runs.append((outs, lm.model.collective_rpc("knnmoe_calls")[0],
-                     lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))[0]))
+        runs.append((outs, rpc("knnmoe_calls"), rpc("knnmoe_diagnostics", True)))
     return runs
 
 

@@ -17,7 +17,7 @@ import gc
 import pytest
 import torch
 from conftest import shutdown
-from test_vllm_knnmoe import _prompt_logprobs, make
+from test_vllm_knnmoe import _prompt_logprobs, _route, make
 
 from knnmoe_eval import attach, load_memory
 from knnmoe_eval.core.memory import write_memory
@@ -93,21 +93,6 @@ def real_olmoe(tmp_path_factory):
     yield dict(dir=str(model_dir), near=near, far=far, memory=str(memory), hf=hf)
 
 
-def _runs(lm, seqs, knn):
-    """Prompt logprobs of seqs, greedy generations of GEN tokens, and (vllm-knnmoe) the diagnostics of the first."""
-    from vllm import SamplingParams, TokensPrompt
-
-    prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
-    if knn:
-        lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))  # forget what ran before
-    scored = lm.model.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-    diag = lm.model.collective_rpc("knnmoe_diagnostics", args=(True,))[0] if knn else None
-    # temperature=0: vLLM samples at temperature 1 by default
-    greedy = lm.model.generate(prompts, SamplingParams(max_tokens=GEN, ignore_eos=True, temperature=0, logprobs=2),
-                               use_tqdm=False)
-    return scored, greedy, diag
-
-
 def _tokens_and_logprobs(outs):
     return [(o.outputs[0].token_ids, [{t: l.logprob for t, l in lp.items()} for lp in o.outputs[0].logprobs])
             for o in outs]
@@ -137,15 +122,14 @@ def test_far_tokens_are_plain_vllm_and_near_ones_agree_with_hf_knnmoe(real_olmoe
 
     lm = make("vllm", f"pretrained={r['dir']},{ENGINE}")
     try:
-        stock_far, stock_far_gen, _ = _runs(lm, far, knn=False)
-        stock_near, _, _ = _runs(lm, near, knn=False)
+        (stock_far, _, _), (stock_far_gen, _, _) = _route(lm, far, GEN, knn=False)
+        (stock_near, _, _), _ = _route(lm, near, GEN, knn=False)
     finally:
         shutdown(lm)
     lm = make("vllm-knnmoe", f"pretrained={r['dir']},memory={r['memory']},max_distance={MAX_DISTANCE},{ENGINE}")
     try:
-        far_out, far_gen, far_diag = _runs(lm, far, knn=True)
-        far_calls = lm.model.collective_rpc("knnmoe_calls")[0]
-        near_out, _, near_diag = _runs(lm, near, knn=True)
+        (far_out, _, far_diag), (far_gen, far_calls, _) = _route(lm, far, GEN)
+        (near_out, _, near_diag), _ = _route(lm, near, GEN)
     finally:
         shutdown(lm)
 
