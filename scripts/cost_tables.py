@@ -193,6 +193,15 @@ def build_seconds(model, tok, device, reqs, workdir: Path) -> float:
     return seconds
 
 
+def timed_build(model, tok, device, texts_ref: list[str], workdir: Path) -> tuple[float, dict]:
+    """The build over `texts_ref` after a one-reference warm-up: its seconds and the machine's load meanwhile."""
+    reqs = loglikelihood_requests(texts_ref)
+    build_seconds(model, tok, device, reqs[:1], workdir)
+    with Load() as load:
+        seconds = build_seconds(model, tok, device, reqs, workdir)
+    return seconds, load.record
+
+
 def train_ivfpq(memory: Path) -> float:
     """Seconds to train and fill the `ivfpq` index of every layer of `memory`; saved there, so the LM loads it."""
     from knnmoe_eval.core import index as knn_index
@@ -222,13 +231,10 @@ def build_fit_phase(layers: int, args, device, dtype, texts_ref, workdir) -> dic
 
     tok = real_tokenizer(MODEL)
     model = make_real_model(MODEL, num_hidden_layers=layers, dtype=dtype).to(device)
-    reqs = loglikelihood_requests(texts_ref)
-    build_seconds(model, tok, device, reqs[:1], workdir)  # warm-up, as at --layers
-    with Load() as load:
-        build_s = build_seconds(model, tok, device, reqs, workdir)
+    build_s, load = timed_build(model, tok, device, texts_ref, workdir)  # warmed up, as at --layers
     del model
     trim()
-    return {"layers": layers, "build_s_per_reference": build_s / args.references, **load.record}
+    return {"layers": layers, "build_s_per_reference": build_s / args.references, **load}
 
 
 def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> tuple[list[dict], dict]:
@@ -274,15 +280,11 @@ def knn_phase(args, device, dtype, texts_test, texts_ref, workdir, progress) -> 
                 r.update(stock_s_per_example=sum(hf_s) / 2 / len(reqs), stock_s=[round(t, 3) for t in hf_s],
                          **load.record)
         shutil.rmtree(workdir / f"mem{n}", ignore_errors=True)
-    build_s = None
-    if args.references:
-        build_seconds(model, tok, device, loglikelihood_requests(texts_ref[:1]), workdir)  # warm-up
-        with Load() as build_load:
-            build_s = build_seconds(model, tok, device, loglikelihood_requests(texts_ref), workdir)
+    build_s, build_load = timed_build(model, tok, device, texts_ref, workdir) if args.references else (None, None)
     progress.update()
     base = {"layers": args.layers, "stock_peak": stock_peak, "index_train_s": index_train, "layer_share": share,
             "build_s_per_reference": None if build_s is None else build_s / args.references,
-            "build_load": build_load.record if build_s is not None else None,
+            "build_load": build_load,
             "layer_weight_bytes": layer_weight_bytes(model)}
     del hf, model
     trim()
