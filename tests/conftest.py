@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite never reaches a hub: set before huggingface_hub is imported, so that a lookup nobody meant (lm-eval's
+# `dummy` model asks for gpt2's tokenizer) fails at once instead of waiting out the network's timeout (46 s here)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
