@@ -218,6 +218,52 @@ def test_calibration_text_caps_the_stored_radius(tmp_path):
         assert cap == pytest.approx(float(nearest), rel=1e-3) and lm.stats["radius"] <= cap
 
 
+def test_calibration_is_read_in_token_filled_batches_as_one_text_at_a_time_and_no_further_than_the_cap(tmp_path):
+    """Short texts share a forward up to the cap's token budget (one forward per few dozen tokens otherwise); each
+    text's router inputs are those it has alone, and the texts are read only as far as the cap."""
+    model = make_tiny_model("olmoe")
+    gen = torch.Generator().manual_seed(0)
+    texts = [torch.randint(4, 250, (int(n),), generator=gen).tolist() for n in torch.randint(3, 12, (40,), generator=gen)]
+    read = []
+
+    def lazily():
+        for t in texts:
+            read.append(t)
+            yield t
+
+    def calibration(name, batch_size, cap):
+        b = MemoryBuilder(model, find_routers(model), signature(model),
+                          KnnMoeOptions(memory=str(tmp_path / name), mode="build", preset="plus", calibration=__file__))
+        forwards = []
+        hook = model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].shape))
+        try:
+            b.read_calibration(lazily(), pad_id=0, batch_size=batch_size, cap=cap)
+        finally:
+            hook.remove()
+            b.release()
+        return b.calibration, forwards
+
+    whole, forwards = calibration("whole", 1, cap=10_000)
+    n = sum(map(len, texts))
+    assert n < 10_000 and len(forwards) == 1 and len(read) == 40  # one forward, though the batch size is 1
+    read.clear()
+    capped, forwards = calibration("capped", 1, cap=60)
+    assert sum(map(len, read[:-2])) < 60  # read only as far as the cap, and one text beyond it at most
+    assert 1 < len(forwards) < len(read)
+    held = 0
+    for rows, width in forwards:  # each forward within what the cap still asks for, unless it is one text
+        assert rows == 1 or rows * width <= 60 - held
+        held += sum(map(len, read[:rows]))
+        del read[:rows]
+    alone = [router_inputs(model, torch.tensor([t])) for t in texts]  # each text in a forward of its own
+    for layer in whole:
+        expected = torch.cat([a[layer] for a in alone]).to(torch.float16)
+        # a batched matmul may round fp32 differently than a row alone; fp16 as stored: within a few fp16 ulps
+        assert len(whole[layer]) == n and len(capped[layer]) == 60
+        assert torch.allclose(whole[layer].float(), expected.float(), rtol=4e-3, atol=4e-3)
+        assert torch.allclose(capped[layer].float(), expected[:60].float(), rtol=4e-3, atol=4e-3)
+
+
 def test_layers_must_agree_a_token_beyond_an_earlier_radius_stays_beyond():
     """agree_with_earlier against an independent loop: a token keeps its neighbours at a layer only if it had at
     least one within the radius at every earlier layer; the first layer is the radius alone."""

@@ -9,6 +9,9 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default (4) is far beyond these models
+# no hub: a lookup nobody meant fails at once instead of waiting out the network's timeout (tests/conftest.py)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lm_eval
 import lm_eval.tasks

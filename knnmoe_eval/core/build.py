@@ -16,7 +16,6 @@ the build nor the merge ever holds more than one shard's worth of keys.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import re
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import KnnMoeError
 from .files import DirectoryLock, is_leftover, remove_leftovers, save_tensors_atomic, sha256_file, write_json_atomic
-from .gradient import _cache_arg, optimise_logits
+from .gradient import cache_arg, keeps_logits, optimise_logits
 from .hooks import Recorder, hooked_routers
 from .memory import MANIFEST, ROWS, write_memory_streamed
 from .options import BUILD_FIELDS, KnnMoeOptions
@@ -286,8 +285,9 @@ class MemoryBuilder:
         held = 0
         texts = iter(token_lists)  # consumed lazily: a large file is read only as far as the cap
         bar = tqdm(total=cap, desc="kNN-MoE calibration text", unit="tok")
+        pending = None
         while held < cap:
-            batch = list(itertools.islice(texts, batch_size))
+            batch, pending = _fill(texts, pending, batch_size, cap - held)
             if not batch:
                 break
             width = max(len(t) for t in batch)
@@ -297,7 +297,7 @@ class MemoryBuilder:
                 inputs[i, : len(t)], real[i, : len(t)] = torch.tensor(t), True
             recorder = Recorder()
             with hooked_routers(self.sites, recorder):
-                self.model(inputs.to(device))
+                self.model(inputs.to(device), **_last_logits(self.model))
             rows = real.reshape(-1).to(device)
             for layer, h in recorder.inputs.items():
                 kept[layer].append(h[rows].to("cpu", torch.float16))
@@ -331,14 +331,14 @@ class MemoryBuilder:
             ids = torch.full((min(PROBE_BATCH, rows - first), 1), bos, dtype=torch.long, device=device)
             past, step = None, ids
             for _ in range(PROBE_LENGTH):  # sampled on the CPU from one generator: the same text on any device
-                out = self.model(step, use_cache=True, **({} if past is None else {_cache_arg(self.model): past}))
-                past = getattr(out, _cache_arg(self.model))
+                out = self.model(step, use_cache=True, **({} if past is None else {cache_arg(self.model): past}))
+                past = getattr(out, cache_arg(self.model))
                 probs = out.logits[:, -1].float().softmax(-1).cpu()
                 step = torch.multinomial(probs, 1, generator=gen).to(device)
                 ids = torch.cat([ids, step], 1)
             recorder = Recorder()
             with hooked_routers(self.sites, recorder):
-                self.model(ids)
+                self.model(ids, **_last_logits(self.model))
             for layer, h in recorder.inputs.items():
                 kept[layer].append(h.view(ids.shape[0], ids.shape[1], -1)[:, 1:].reshape(-1, h.shape[-1])
                                    .to("cpu", torch.float16))
@@ -406,6 +406,26 @@ class MemoryBuilder:
         self.lock.release(remove=True)  # other ranks remove their own (build)
         log.info("kNN-MoE memory written to %s: %d requests, %d keys per layer", self.out, len(order), n)
         return self.out
+
+
+def _fill(texts: Iterator[list[int]], first: list[int] | None, rows: int, tokens: int
+          ) -> tuple[list[list[int]], list[int] | None]:
+    """The next forward's texts, and the text read after them: at least `rows` texts (the build's batch size), and
+    more while the padded batch stays within `tokens`. A forward without gradient is far lighter than a build step,
+    and short texts (a toy's, a list of sentences) would otherwise take one forward per few dozen tokens."""
+    batch, width = ([], 0) if first is None else ([first], len(first))
+    for t in texts:
+        if len(batch) >= rows and (len(batch) + 1) * max(width, len(t)) > tokens:
+            return batch, t
+        batch.append(t)
+        width = max(width, len(t))
+    return batch, None
+
+
+def _last_logits(model) -> dict:
+    """Forward arguments that keep only the last position's logits: a read of router inputs needs none, and a
+    batch's full-vocabulary logits are gigabytes at a 150k vocabulary."""
+    return {"logits_to_keep": 1} if keeps_logits(model) else {}
 
 
 def _write_failure(out: Path, e: BaseException, what: str) -> str:

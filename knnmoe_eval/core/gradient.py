@@ -37,6 +37,7 @@ tensor of a whole batch is gigabytes at a 150k vocabulary.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -110,8 +111,8 @@ def target_logprobs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch
     `past`: the key/value cache of a prefix that `inputs` continue (consumed: pass a copy).
     """
     cols = needed.any(0).nonzero().squeeze(-1)  # (P,)
-    kw = {} if past is None else {_cache_arg(model): past}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    kw = {} if past is None else {cache_arg(model): past}
+    if keeps_logits(model):
         logits = model(inputs, logits_to_keep=cols, **kw).logits  # (b, P, V)
     else:
         logits = model(inputs, **kw).logits[:, cols]
@@ -138,7 +139,7 @@ def _keys_under(model, sites, inputs, leaves: LeafLogits, rows: torch.Tensor, pa
     layer's key then reflects the earlier layers' new routing instead of the stock one."""
     replay = _Replay(leaves, rows)
     with hooked_routers(sites, replay):
-        model(inputs, **({} if past is None else {_cache_arg(model): copy.deepcopy(past)}))
+        model(inputs, **({} if past is None else {cache_arg(model): copy.deepcopy(past)}))
     return replay.keys
 
 
@@ -154,12 +155,24 @@ def _prefix_cache(model, sites, inputs: torch.Tensor) -> tuple[object, dict[int,
     recorder = Recorder()
     with hooked_routers(sites, recorder):
         out = model(inputs, use_cache=True)
-    return getattr(out, _cache_arg(model)), recorder.inputs, {l: z.float() for l, z in recorder.logits.items()}
+    return getattr(out, cache_arg(model)), recorder.inputs, {l: z.float() for l, z in recorder.logits.items()}
 
 
-def _cache_arg(model) -> str:
+def cache_arg(model) -> str:
     """transformers 5 renamed the key/value cache argument and output `past_key_values` -> `cache`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(type(model)) else "past_key_values"
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (most causal LMs): only the named positions' logits are
+    computed, instead of a (b, T, V) tensor that is gigabytes at a 150k vocabulary."""
+    return "logits_to_keep" in _forward_parameters(type(model))
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    # per class: read on every step of the build and of the probe's sampling
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def _rejoin(prefix: torch.Tensor, suffix: torch.Tensor, b: int) -> torch.Tensor:
