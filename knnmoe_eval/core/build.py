@@ -83,7 +83,8 @@ class MemoryBuilder:
         self.shard_dir = self.out / "shards"
         self.calibration: dict[int, torch.Tensor] | None = None  # router inputs of the calibration text, per layer
         self.wall_s: float | None = None  # the last build's wall time, the cost the paper sets against SFT training
-        self.calibration_s = 0.0  # reading the calibration text (or sampling the probe), counted in wall_s
+        self.calibration_s = 0.0  # reading the calibration text, before `build`: added to wall_s
+        self.probe_s = 0.0  # sampling the probe, inside `build` (its merge): already in wall_s
         self.probe: dict[int, torch.Tensor] | None = None  # router inputs of the stock model's own samples, per layer
         self.lock = DirectoryLock(self.out / LOCK.format("" if rank == 0 else f".rank{rank:03d}"), str(self.out))
         self._check_out_dir()
@@ -343,7 +344,7 @@ class MemoryBuilder:
                 kept[layer].append(h.view(ids.shape[0], ids.shape[1], -1)[:, 1:].reshape(-1, h.shape[-1])
                                    .to("cpu", torch.float16))
         self.probe = {layer: torch.cat(hs)[:n_tokens] for layer, hs in kept.items()}
-        self.calibration_s += time.perf_counter() - start
+        self.probe_s = time.perf_counter() - start
 
     def finalize(self) -> Path:
         """Merge every rank's shards in request order (dropping lm-eval's padding duplicates) into the memory."""
