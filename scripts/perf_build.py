@@ -7,12 +7,24 @@ written). The baseline runs the same padded batches through forward + backward o
 the weights frozen and the gradient taken at the input embeddings: the least any gradient-based build must do.
 Goal: build >= 0.8x the baseline.
 
+`--vs-sft` instead times, on the same model instance and the same references (a context of --context tokens and a
+one-token answer, as a multiple-choice prompt), back to back: the `hf-knnmoe` build pass with preset=plus and no
+calibration text (so the build samples its probe), as `lm.builder.wall_s` after lm-eval's `loglikelihood` in
+mode=build, the way demo.py times it; then router-only SFT's training on the same sequences with
+`experiments/sft.py`'s own code and defaults (`trainable_model`, then `train_epoch` per epoch: AdamW, 3 epochs,
+batch 16, the 85/15 split, validation after each epoch: exactly what SFT's `wall_time_s` counts). Both sides run
+at this process's thread count (`train_sft` itself pins the CPU to one thread, for reproducibility, not speed).
+The probe's bound is lifted (probe_bound=1): a random model's first layer admits its whole probe, and the refusal
+would stop the build before the memory is written; the probe is sampled and checked all the same.
+Goal: plus no slower than SFT (ratio SFT/plus >= 1).
+
 `--peak-memory` instead measures the build step's peak resident memory on a tiny OLMoE with Qwen3's 151,936-token
 vocabulary, each variant in a fresh process: log-probabilities at the scored positions only (the build) against
 the full-vocabulary fp32 logits of the whole batch (what the build computed before).
 
     OMP_NUM_THREADS=2 python scripts/perf_build.py --quick
     OMP_NUM_THREADS=2 python scripts/perf_build.py --peak-memory
+    OMP_NUM_THREADS=2 python scripts/perf_build.py --vs-sft --layers 2 --requests 64 --context 200
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_load import Load, require_quiet  # noqa: E402
 from perf_overhead import WIDE, make_lm, n_tokens, ratio_table, requests, wide_model  # noqa: E402
 
 
@@ -104,20 +117,81 @@ def peak_memory(batch: int, length: int, vocab: int) -> None:
     print(ratio_table(rows, ["variant", "peak MiB over the model", "ratio"]))
 
 
+def vs_sft(args) -> None:
+    """The plus build pass against router-only SFT's training, on one model and one set of references."""
+    from knnmoe_eval.experiments.sft import SftSettings, split, tokenize, train_epoch, trainable_model
+
+    quiet = require_quiet(args.allow_load)
+    model = wide_model(args.layers)
+    reqs = requests(args.requests, args.context, continuation_chars=1)  # the answer: one token
+    tokens = n_tokens(reqs)
+    forward_backward_seconds(model, reqs[: args.batch_size], args.batch_size)  # warm-up: allocator, threads
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        lm = make_lm(model, args.batch_size, memory=f"{tmp}/m", mode="build", preset="plus", probe_bound=1.0)
+        with Load() as build_load:
+            start = time.perf_counter()
+            lm.loglikelihood(reqs, disable_tqdm=True)
+            end_to_end = time.perf_counter() - start
+        build_s, probe_s = lm.builder.wall_s, lm.builder.probe_s
+        manifest = json.loads(Path(f"{tmp}/m/manifest.json").read_text())
+
+    s = SftSettings(pretrained="the wide model above", tasks=("bench",), method="router")
+    train, val = split(tokenize(lm, reqs), s.val_frac, s.seed)  # the build's sequences: the same encode_request
+    pad_id = lm.tokenizer.pad_token_id or 0
+    sft_model, optimizer, aux_coef = trainable_model(model, s)
+    trainable = sum(p.numel() for p in sft_model.parameters() if p.requires_grad)
+    epochs = []
+    with Load() as sft_load:
+        for epoch in range(1, s.epochs + 1):
+            start = time.perf_counter()
+            train_epoch(sft_model, optimizer, aux_coef, train, val, pad_id, s, epoch)
+            epochs.append(time.perf_counter() - start)
+    sft_s = sum(epochs)
+
+    rows = [
+        {"side": "plus build (probe)", "seconds": round(build_s, 2), "tok_s": round(tokens / build_s, 1),
+         "ratio_sft_over_plus": round(sft_s / build_s, 3), **build_load.record},
+        {"side": f"router-only SFT ({s.epochs} epochs)", "seconds": round(sft_s, 2), "tok_s": round(tokens / sft_s, 1),
+         "ratio_sft_over_plus": 1.0, **sft_load.record},
+    ]
+    out = {"model": {"family": "olmoe", "layers": args.layers, **WIDE}, "requests": len(reqs), "tokens": tokens,
+           "context": args.context, "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+           "load_at_start": quiet, "goal": "ratio_sft_over_plus >= 1",
+           "plus": {"wall_s": build_s, "probe_s": probe_s, "loglikelihood_s": end_to_end,
+                    "batch_size": args.batch_size, "build": manifest["build"]},
+           "sft": {"wall_time_s": sft_s, "epoch_s": epochs, "n_train": len(train), "n_val": len(val),
+                   "trainable_params": trainable, "aux_loss_coef": aux_coef, "settings": s.record()},
+           "runs": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2))
+    print(f"{len(reqs)} references, {tokens} tokens, {args.layers} layers, {out['threads']} threads")
+    print(ratio_table(rows, ["side", "seconds", "tok_s", "ratio_sft_over_plus", "others_cores", "loaded"]))
+    print(f"figures: {args.json}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--context", type=int, default=120, help="context characters (= tokens) per request")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=None, help="build batch (default 4; --vs-sft: 16, as SFT's)")
     p.add_argument("--grad", default="paper", help="build gradient: paper | dense")
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--json", type=Path, default=Path("results/perf_build.json"))
+    p.add_argument("--json", type=Path, default=None,
+                   help="default results/perf_build.json (--vs-sft: results/perf_build_vs_sft.json)")
     p.add_argument("--quick", action="store_true", help="4 requests of 56 tokens")
     p.add_argument("--peak-memory", action="store_true", help="peak memory of the build step, before/after")
     p.add_argument("--peak-memory-child", help=argparse.SUPPRESS)
+    p.add_argument("--vs-sft", action="store_true", help="the plus build pass against router-only SFT's training")
+    p.add_argument("--allow-load", action="store_true", help="--vs-sft: measure even when other processes are busy")
     p.add_argument("--vocab", type=int, default=151_936, help="--peak-memory: vocabulary size (Qwen3's)")
     args = p.parse_args()
+    if args.batch_size is None:
+        args.batch_size = 16 if args.vs_sft else 4
+    if args.json is None:
+        args.json = Path("results/perf_build_vs_sft.json" if args.vs_sft else "results/perf_build.json")
+    if args.vs_sft:
+        return vs_sft(args)
     if args.peak_memory_child:
         return peak_memory_child(args.peak_memory_child, args.batch_size, args.context, args.vocab)
     if args.peak_memory:

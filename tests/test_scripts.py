@@ -127,3 +127,21 @@ def test_perf_index_toy_figures(tmp_path, monkeypatch):
     rows = perf_index.toy_figures(args)
     assert [r["index"] for r in rows] == ["stock (hf)", "exact", "exact, pruned min_change=1e-09"]
     assert rows[1]["points_vs_exact"] == 0 and all(0 <= r["acc"] <= 1 for r in rows)
+
+
+@pytest.mark.e2e
+def test_perf_build_vs_sft_times_both_sides(tmp_path):
+    """perf_build.py --vs-sft at its smallest (the wide layer once, 8 references of 16 tokens): the plus build with
+    its probe and router-only SFT's three epochs on the same references, both timed, the ratio between them."""
+    out = run_script("perf_build.py", ["--vs-sft", "--layers", "1", "--requests", "8", "--context", "16",
+                                       "--batch-size", "4", "--allow-load", "--json", f"{tmp_path}/vs.json"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads((tmp_path / "vs.json").read_text())
+    plus, sft = figures["plus"], figures["sft"]
+    assert plus["build"]["preset"] == "plus" and plus["build"]["probe"]["tokens"] > 0 and plus["build"]["requests"] == 8
+    assert 0 < plus["probe_s"] < plus["wall_s"] <= plus["loglikelihood_s"]
+    assert len(sft["epoch_s"]) == sft["settings"]["epochs"] == 3 and sft["settings"]["method"] == "router"
+    assert sft["n_train"] + sft["n_val"] == 8 and sft["wall_time_s"] == pytest.approx(sum(sft["epoch_s"]))
+    build_row, sft_row = figures["runs"]
+    assert build_row["ratio_sft_over_plus"] == pytest.approx(sft_row["seconds"] / build_row["seconds"], rel=0.02)
+    assert "loaded" in build_row and "loaded" in sft_row

@@ -293,6 +293,50 @@ def _check_out(out: Path, settings: dict) -> dict | None:
 
 
 # -- training --------------------------------------------------------------------------------------------------
+def trainable_model(model, s: SftSettings):
+    """`model` under peft with `s.method`'s adapter (seeded from `s.seed`), its AdamW, and the coefficient of the
+    model's load-balancing loss in the objective."""
+    from peft import get_peft_model
+
+    random.seed(s.seed)
+    torch.manual_seed(s.seed)  # LoRA's A matrices are initialised from it: a resumed run rebuilds the same model
+    with warnings.catch_warnings():
+        # peft 0.21 checks rank/alpha patterns against module names only and calls our gate_up_proj pattern
+        # unmatched, although the parameter-targeted LoRA does get rank 2r (tests/test_sft.py sees its effect)
+        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
+        model = get_peft_model(model, peft_config(model, s.method, s.lora_r)).eval()
+    optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=s.peak_lr, weight_decay=WEIGHT_DECAY)
+    aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+    return model, optimizer, aux_coef
+
+
+def train_epoch(model, optimizer, aux_coef: float, train: list[RefSequence], val: list[RefSequence], pad_id: int,
+                s: SftSettings, epoch: int, bar: tqdm | None = None) -> tuple[float, float]:
+    """One training epoch (1-based `epoch` of `s.epochs`) over `train`, then the validation pass: what an SFT
+    run's `wall_time_s` counts. Returns (mean train NLL per answer token, validation loss).
+
+    The data order is a pure function of (seed, epoch) and the learning rate of the global step, so that a resumed
+    run trains exactly as an uninterrupted one."""
+    steps = math.ceil(len(train) / s.batch_size)
+    total_steps = s.epochs * steps
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch))
+    total, count = 0.0, 0
+    for step, b in enumerate(range(0, len(train), s.batch_size), start=(epoch - 1) * steps):
+        for group in optimizer.param_groups:  # linear decay to 0, a pure function of the step: resumes exactly
+            group["lr"] = s.peak_lr * (1 - step / total_steps)
+        batch = [train[i] for i in order[b : b + s.batch_size].tolist()]
+        nll, n, aux = answer_nll(model, batch, pad_id, aux=aux_coef > 0)
+        optimizer.zero_grad(set_to_none=True)
+        (nll / n + aux_coef * aux if aux_coef > 0 else nll / n).backward()
+        torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
+        optimizer.step()
+        total, count = total + float(nll.detach()), count + n
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{total / count:.4f}")
+    return total / count, mean_answer_nll(model, val, pad_id, s.batch_size)
+
+
 def train_sft(settings: SftSettings, out: str | Path, *, progress: bool = True,
               stop_after_epochs: int | None = None) -> dict:
     """Train (or resume, or reuse) the SFT baseline `settings` into `out`; returns the summary written to
@@ -320,21 +364,12 @@ def _train_sft(s: SftSettings, out: Path, progress: bool, stop_after_epochs: int
         return done
 
     from lm_eval.models.huggingface import HFLM
-    from peft import get_peft_model
 
     lm = HFLM(pretrained=s.pretrained, device=s.device, dtype=s.dtype, batch_size=s.batch_size)
     requests = reference_requests(s.tasks, s.include_path, s.metadata, s.limit, lm, s.prompt)
     train, val = split(tokenize(lm, requests), s.val_frac, s.seed)
     pad_id = lm.tokenizer.pad_token_id or 0
-    random.seed(s.seed)
-    torch.manual_seed(s.seed)  # LoRA's A matrices are initialised from it: a resumed run rebuilds the same model
-    with warnings.catch_warnings():
-        # peft 0.21 checks rank/alpha patterns against module names only and calls our gate_up_proj pattern
-        # unmatched, although the parameter-targeted LoRA does get rank 2r (tests/test_sft.py sees its effect)
-        warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
-        model = get_peft_model(lm.model, peft_config(lm.model, s.method, s.lora_r)).eval()
-    optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=s.peak_lr, weight_decay=WEIGHT_DECAY)
-    aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+    model, optimizer, aux_coef = trainable_model(lm.model, s)
 
     ckpt = out / CKPT_DIR
     if (ckpt / STATE_JSON).exists():
@@ -346,29 +381,14 @@ def _train_sft(s: SftSettings, out: Path, progress: bool, stop_after_epochs: int
                      best_val_loss=None, wall_time_s=0.0, n_train=len(train), n_val=len(val),
                      aux_loss_coef=aux_coef, val_docs=[list(s.rid[:2]) for s in val])
     steps = math.ceil(len(train) / s.batch_size)
-    total_steps = s.epochs * steps
     bar = tqdm(total=(s.epochs - state["epoch"]) * steps, desc=f"SFT ({s.method})", unit="step", disable=not progress)
     last = s.epochs if stop_after_epochs is None else min(s.epochs, stop_after_epochs)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     for epoch in range(state["epoch"] + 1, last + 1):
         start = time.perf_counter()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch))
-        total, count = 0.0, 0
-        for step, b in enumerate(range(0, len(train), s.batch_size), start=(epoch - 1) * steps):
-            for group in optimizer.param_groups:  # linear decay to 0, a pure function of the step: resumes exactly
-                group["lr"] = s.peak_lr * (1 - step / total_steps)
-            batch = [train[i] for i in order[b : b + s.batch_size].tolist()]
-            nll, n, aux = answer_nll(model, batch, pad_id, aux=aux_coef > 0)
-            optimizer.zero_grad(set_to_none=True)
-            (nll / n + aux_coef * aux if aux_coef > 0 else nll / n).backward()
-            torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
-            optimizer.step()
-            total, count = total + float(nll.detach()), count + n
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{total / count:.4f}")
-        val_loss = mean_answer_nll(model, val, pad_id, s.batch_size)
-        state["train_loss"].append(total / count)
+        train_loss, val_loss = train_epoch(model, optimizer, aux_coef, train, val, pad_id, s, epoch, bar)
+        state["train_loss"].append(train_loss)
         state["val_loss"].append(val_loss)
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             state["best_epoch"], state["best_val_loss"] = epoch, val_loss
