@@ -17,6 +17,10 @@ at this process's thread count (`train_sft` itself pins the CPU to one thread, f
 The probe's bound is lifted (probe_bound=1): a random model's first layer admits its whole probe, and the refusal
 would stop the build before the memory is written; the probe is sampled and checked all the same.
 Goal: plus no slower than SFT (ratio SFT/plus >= 1).
+`--vs-sft --toy readme|second|third` times the same two sides on a trained toy of docs/plus.md (through lm-eval:
+the build of `knnmoe_toy_shift_ref` with batch 32, as demo.py builds it, with and without calibration text; SFT
+through `train_sft` itself, at the toy's router learning rate), `--reps` rounds after a warm-up round. A toy
+times the framework (every forward is a few milliseconds of Python), not the model.
 
 `--peak-memory` instead measures the build step's peak resident memory on a tiny OLMoE with Qwen3's 151,936-token
 vocabulary, each variant in a fresh process: log-probabilities at the scored positions only (the build) against
@@ -25,6 +29,7 @@ the full-vocabulary fp32 logits of the whole batch (what the build computed befo
     OMP_NUM_THREADS=2 python scripts/perf_build.py --quick
     OMP_NUM_THREADS=2 python scripts/perf_build.py --peak-memory
     OMP_NUM_THREADS=2 python scripts/perf_build.py --vs-sft --layers 2 --requests 64 --context 200
+    OMP_NUM_THREADS=1 python scripts/perf_build.py --vs-sft --toy readme --reps 3
 """
 
 from __future__ import annotations
@@ -169,6 +174,60 @@ def vs_sft(args) -> None:
     print(f"figures: {args.json}")
 
 
+TOY_ROUTER_LR = 3e-2  # router-only SFT's learning rate on the toys (experiments.runner's router_lr help)
+
+
+def toy_vs_sft(args) -> list[dict]:
+    """The plus build through lm-eval (with and without calibration text) against router-only SFT's training, on
+    one of docs/plus.md's toys and its 200 (third toy: 1,200) shifted references; one row per side."""
+    import statistics
+
+    import lm_eval
+    import lm_eval.tasks
+    from demo import ROOT, TOYS
+
+    from knnmoe_eval.experiments import toy
+    from knnmoe_eval.experiments.sft import SftSettings, train_sft
+    from knnmoe_eval.harness.lm import KnnMoeLM
+
+    quiet = require_quiet(args.allow_load)
+    toy_dir = toy.train_or_load(args.toy_cache or ROOT / ".cache", TOYS[args.toy], progress=False)
+    metadata = {"toy_dir": str(toy_dir)}
+    tm = lm_eval.tasks.TaskManager(include_path=str(ROOT / "tasks" / "toy"), metadata=metadata)
+    calibration = str(toy.data_file(toy_dir, "train"))
+    probe = {} if args.probe_bound is None else {"probe_bound": args.probe_bound}
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        runs = iter(range(10**6))
+
+        def plus(**extra) -> float:
+            lm = KnnMoeLM(pretrained=str(toy_dir), mode="build", memory=f"{tmp}/m{next(runs)}", batch_size=32,
+                          device="cpu", preset="plus", **extra)
+            lm_eval.simple_evaluate(model=lm, tasks=["knnmoe_toy_shift_ref"], task_manager=tm, verbosity="WARNING")
+            return lm.builder.wall_s
+
+        def sft() -> float:
+            settings = SftSettings(str(toy_dir), ("knnmoe_toy_shift_ref",), "router", lr=TOY_ROUTER_LR,
+                                   include_path=str(ROOT / "tasks" / "toy"), metadata=metadata, dtype="float32")
+            return train_sft(settings, f"{tmp}/s{next(runs)}", progress=False)["wall_time_s"]
+
+        sides = {"plus build, calibration text": lambda: plus(calibration=calibration),
+                 "plus build, no calibration text (probe)": lambda: plus(**probe),
+                 "router-only SFT (3 epochs)": sft}
+        seconds = {name: [] for name in sides}
+        with Load() as load:
+            for rep in range(args.reps + 1):  # round 0 warms up (first forwards, lm-eval's task cache)
+                for name, run in sides.items():
+                    took = run()
+                    if rep:
+                        seconds[name].append(took)
+    sft_s = statistics.median(seconds["router-only SFT (3 epochs)"])
+    return [{"toy": args.toy, "side": name, "seconds": round(statistics.median(s), 3),
+             "runs": " ".join(f"{x:.2f}" for x in s), "ratio_sft_over_plus": round(sft_s / statistics.median(s), 3),
+             "threads": torch.get_num_threads(), "load_at_start": quiet["others_cores"], **load.record}
+            for name, s in seconds.items()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2)
@@ -184,12 +243,23 @@ def main() -> None:
     p.add_argument("--peak-memory-child", help=argparse.SUPPRESS)
     p.add_argument("--vs-sft", action="store_true", help="the plus build pass against router-only SFT's training")
     p.add_argument("--allow-load", action="store_true", help="--vs-sft: measure even when other processes are busy")
+    p.add_argument("--toy", choices=("readme", "second", "third"), help="--vs-sft on this toy of docs/plus.md")
+    p.add_argument("--toy-cache", type=Path, default=None, help="--toy: where the trained toys are kept (demo.py's)")
+    p.add_argument("--reps", type=int, default=3, help="--toy: timed rounds (the median is reported)")
+    p.add_argument("--probe-bound", type=float, default=None,
+                   help="--toy: the uncalibrated build's probe_bound (default: the preset's)")
     p.add_argument("--vocab", type=int, default=151_936, help="--peak-memory: vocabulary size (Qwen3's)")
     args = p.parse_args()
     if args.batch_size is None:
         args.batch_size = 16 if args.vs_sft else 4
     if args.json is None:
         args.json = Path("results/perf_build_vs_sft.json" if args.vs_sft else "results/perf_build.json")
+    if args.vs_sft and args.toy:
+        rows = toy_vs_sft(args)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M %Z"), "runs": rows}, indent=2))
+        print(ratio_table(rows, ["toy", "side", "seconds", "runs", "ratio_sft_over_plus", "others_cores"]))
+        return print(f"figures: {args.json}")
     if args.vs_sft:
         return vs_sft(args)
     if args.peak_memory_child:

@@ -145,3 +145,24 @@ def test_perf_build_vs_sft_times_both_sides(tmp_path):
     build_row, sft_row = figures["runs"]
     assert build_row["ratio_sft_over_plus"] == pytest.approx(sft_row["seconds"] / build_row["seconds"], rel=0.02)
     assert "loaded" in build_row and "loaded" in sft_row
+
+
+@pytest.mark.e2e
+def test_perf_build_vs_sft_on_a_toy_times_both_builds_and_sft(tmp_path, monkeypatch):
+    """The toy mode of perf_build.py --vs-sft on a toy small enough to train in a second: each side timed once
+    after the warm-up round, through lm-eval and train_sft, and the ratios are SFT's seconds over each side's."""
+    from knnmoe_eval.experiments import toy
+
+    small = toy.train_or_load(tmp_path / "toy", small_toy(), progress=False)
+    monkeypatch.setattr(toy, "train_or_load", lambda cache, config, progress=True: small)
+    perf_build = _load("perf_build.py")
+    # two training steps leave the small toy's first layer admitting its own samples: the probe would refuse it
+    rows = perf_build.toy_vs_sft(Namespace(toy="readme", toy_cache=tmp_path, workdir=tmp_path, reps=1,
+                                           allow_load=True, probe_bound=1.0))
+    assert [r["side"] for r in rows] == ["plus build, calibration text", "plus build, no calibration text (probe)",
+                                         "router-only SFT (3 epochs)"]
+    assert all(r["seconds"] > 0 and len(r["runs"].split()) == 1 for r in rows)
+    assert rows[2]["ratio_sft_over_plus"] == 1.0
+    # the seconds are rounded to 1 ms, the ratio to 3 decimals: their own relative error bounds the comparison
+    rel = 0.0005 / rows[0]["seconds"] + 0.0005 / rows[2]["seconds"] + 0.0005 / rows[0]["ratio_sft_over_plus"]
+    assert rows[0]["ratio_sft_over_plus"] == pytest.approx(rows[2]["seconds"] / rows[0]["seconds"], rel=rel)
